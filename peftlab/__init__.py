@@ -1,0 +1,37 @@
+"""peftlab: parameter-efficient fine-tuning for any PyTorch model.
+
+    import peftlab
+    pm = peftlab.apply(model, "lora[r=8,alpha=16,targets=q_proj|v_proj]")
+    pm.save("out"); pm = peftlab.load(fresh_model, "out")
+"""
+
+from peftlab import zoo
+from peftlab.core.config import AdapterConfig, ConfigError, UnionConfig, parse_method_string
+from peftlab.core.io import AdapterFileError
+from peftlab.core.model import PeftModel, apply, load
+from peftlab.core.optim import param_groups
+from peftlab.core.registry import get_method, list_methods, register_method
+from peftlab.core.targeting import TargetError
+from peftlab.methods.reparam.lora import DoraConfig, LoraConfig, LoraFaConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterConfig",
+    "AdapterFileError",
+    "ConfigError",
+    "DoraConfig",
+    "LoraConfig",
+    "LoraFaConfig",
+    "PeftModel",
+    "TargetError",
+    "UnionConfig",
+    "apply",
+    "get_method",
+    "list_methods",
+    "load",
+    "param_groups",
+    "parse_method_string",
+    "register_method",
+    "zoo",
+]

@@ -1,0 +1,262 @@
+"""Adapter configs: validated dataclasses that round-trip through JSON and a short string grammar.
+
+Every method's config derives from :class:`AdapterConfig`, which carries the targeting fields that all
+methods share (DESIGN.md principle 3). The string grammar, used by the command line, is::
+
+    method[key=value,key=value,...]            e.g.  lora[r=8,alpha=16,targets=q_proj|v_proj]
+    method[...]+method[...]                    a union: every part is placed under one adapter name
+
+Values are parsed as ``true``/``false``, ``none``, integers, floats or strings; ``a|b|c`` is a list.
+A value for a list-typed field may be a single item. A value starting with ``re:`` is kept whole
+(it is a regular expression and may contain ``|``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import re
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+
+class ConfigError(ValueError):
+    """A config field is unknown or has an invalid value; the message names the field."""
+
+
+def _close(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=3, cutoff=0.5)
+    return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+
+
+@dataclass(kw_only=True)
+class AdapterConfig:
+    """Fields shared by every method: where the adapter is placed.
+
+    targets: module names to adapt. An entry matches a module whose full name equals it or ends with
+        ``"." + entry``; ``"re:<regex>"`` matches full names by ``re.fullmatch``; ``"all-linear"``
+        selects every linear layer except the output head. ``None`` means the method's default.
+    exclude: entries with the same matching rules; matching modules are never adapted.
+    layers: keep only modules inside these block indices (the first integer in the module's name).
+    module_types: keep only modules whose class name is listed (e.g. ``["Linear", "Conv1D"]``).
+    modules_to_save: modules (e.g. a freshly initialised classifier head) that the adapter carries a
+        fully trainable copy of; the base module itself is never modified.
+    """
+
+    method: ClassVar[str] = ""
+    targets: list[str] | None = None
+    exclude: list[str] | None = None
+    layers: list[int] | None = None
+    module_types: list[str] | None = None
+    modules_to_save: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("targets", "exclude", "module_types", "modules_to_save"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                setattr(self, name, [value])
+            elif value is not None:
+                setattr(self, name, [str(v) for v in value])
+        if isinstance(self.layers, int):
+            self.layers = [self.layers]
+        if self.layers is not None:
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in self.layers):
+                raise ConfigError(f"{type(self).__name__}.layers must be a list of ints, got {self.layers!r}")
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` on an invalid value. Methods override and call ``super()``."""
+
+    # -- helpers for subclasses -------------------------------------------------------------
+    def _check(self, ok: bool, field_name: str, expected: str) -> None:
+        if not ok:
+            value = getattr(self, field_name)
+            raise ConfigError(f"{type(self).__name__}.{field_name}={value!r} is invalid: expected {expected}")
+
+    # -- serialisation ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON dict of every field plus ``"method"``."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {"method": self.method, **d}
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "AdapterConfig":
+        """Build from a dict, refusing unknown fields with the list of valid ones."""
+        d = dict(d)
+        method = d.pop("method", cls.method)
+        if method != cls.method:
+            raise ConfigError(f"config is for method {method!r}, not {cls.method!r}")
+        valid = cls.field_names()
+        for key in d:
+            if key not in valid:
+                raise ConfigError(
+                    f"unknown field {key!r} for {cls.method!r}.{_close(key, valid)} Valid fields: {', '.join(valid)}"
+                )
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def to_string(self) -> str:
+        """The config in the string grammar (only fields that differ from their defaults)."""
+        parts = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            if value == default:
+                continue
+            parts.append(f"{f.name}={_format_value(value)}")
+        return f"{self.method}[{','.join(parts)}]"
+
+    def replace(self, **changes: Any) -> "AdapterConfig":
+        """A copy with some fields changed (validated again)."""
+        unknown = [k for k in changes if k not in self.field_names()]
+        if unknown:
+            raise ConfigError(
+                f"unknown field {unknown[0]!r} for {self.method!r}.{_close(unknown[0], self.field_names())} "
+                f"Valid fields: {', '.join(self.field_names())}"
+            )
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class UnionConfig:
+    """Several method configs placed under one adapter name (hybrids such as MAM or UniPELT)."""
+
+    parts: list[AdapterConfig] = field(default_factory=list)
+    method: ClassVar[str] = "union"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": "union", "parts": [p.to_dict() for p in self.parts]}
+
+    def to_string(self) -> str:
+        return "+".join(p.to_string() for p in self.parts)
+
+
+# -- string grammar -------------------------------------------------------------------------
+_ITEM = re.compile(r"^\s*([A-Za-z_][\w\-]*)\s*(?:\[(.*)\])?\s*$", re.S)
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "none"
+    if isinstance(value, (list, tuple)):
+        return "|".join(_format_value(v) for v in value)
+    return str(value)
+
+
+def _parse_scalar(text: str) -> Any:
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _split_top(text: str, sep: str) -> list[str]:
+    """Split on ``sep`` outside brackets."""
+    out, depth, cur = [], 0, []
+    for ch in text:
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        if ch == sep and depth == 0:
+            out.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    out.append("".join(cur))
+    return out
+
+
+def _is_list_field(cls: type, name: str) -> bool:
+    hints = typing.get_type_hints(cls)
+    return "list" in str(hints.get(name, ""))
+
+
+def _coerce(cls: type, name: str, raw: str) -> Any:
+    raw = raw.strip()
+    if raw.startswith("re:"):
+        value: Any = raw
+    elif "|" in raw:
+        value = [_parse_scalar(v.strip()) for v in raw.split("|")]
+    else:
+        value = _parse_scalar(raw)
+    hint = str(typing.get_type_hints(cls).get(name, ""))
+    if _is_list_field(cls, name) and value is not None and not isinstance(value, list):
+        value = [value]
+    if hint.startswith("str") and value is not None and not isinstance(value, str):
+        value = _format_value(value)
+    if isinstance(value, list) and "list[str]" in hint:
+        value = [_format_value(v) for v in value]
+    return value
+
+
+def parse_method_string(text: str) -> AdapterConfig | UnionConfig:
+    """Parse ``lora[r=8,targets=q_proj|v_proj]`` (or a ``+``-joined union) into config objects."""
+    from peftlab.core.registry import get_method
+
+    parts = []
+    for item in _split_top(text, "+"):
+        m = _ITEM.match(item)
+        if not m:
+            raise ConfigError(f"cannot parse method spec {item!r}: expected name[key=value,...]")
+        name, body = m.group(1), m.group(2) or ""
+        spec = get_method(name)
+        kwargs: dict[str, Any] = {}
+        for assignment in _split_top(body, ","):
+            if not assignment.strip():
+                continue
+            if "=" not in assignment:
+                raise ConfigError(f"in {item!r}: {assignment!r} is not key=value")
+            key, raw = assignment.split("=", 1)
+            key = key.strip()
+            if key not in spec.config_cls.field_names():
+                valid = spec.config_cls.field_names()
+                raise ConfigError(f"unknown field {key!r} for {name!r}.{_close(key, valid)} Valid fields: {', '.join(valid)}")
+            kwargs[key] = _coerce(spec.config_cls, key, raw)
+        parts.append(spec.config_cls(**kwargs))
+    return parts[0] if len(parts) == 1 else UnionConfig(parts)
+
+
+def config_from_dict(d: dict[str, Any]) -> AdapterConfig | UnionConfig:
+    """Inverse of ``to_dict`` for any registered method or a union."""
+    from peftlab.core.registry import get_method
+
+    if d.get("method") == "union":
+        return UnionConfig([config_from_dict(p) for p in d["parts"]])  # type: ignore[misc]
+    if "method" not in d:
+        raise ConfigError("config dict has no 'method' field")
+    return get_method(d["method"]).config_cls.from_dict(d)
+
+
+def as_config(spec: "str | AdapterConfig | UnionConfig | dict") -> AdapterConfig | UnionConfig:
+    """Accept a config object, a dict or a method string."""
+    if isinstance(spec, (AdapterConfig, UnionConfig)):
+        return spec
+    if isinstance(spec, str):
+        return parse_method_string(spec)
+    if isinstance(spec, dict):
+        return config_from_dict(spec)
+    raise ConfigError(f"expected a config, a dict or a method string, got {type(spec).__name__}")
+
+
+def config_parts(cfg: AdapterConfig | UnionConfig) -> list[AdapterConfig]:
+    return list(cfg.parts) if isinstance(cfg, UnionConfig) else [cfg]

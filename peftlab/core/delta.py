@@ -1,0 +1,142 @@
+"""The delta: the small module a method places at a site of one base module (DESIGN.md principle 2).
+
+Site kinds and what ``forward`` computes (x is the hooked module's input, y its output):
+
+    parallel   y <- y + delta(x, y)          LoRA family, BitFit's bias delta, parallel adapters
+    output     y <- delta(x, y)              sequential adapters, (IA)^3 on keys/values, head copies
+    input      x <- delta(x)                 (IA)^3 on the FFN's second projection
+    model      model inputs rewritten         prefix / prompt tuning (see ``ModelDelta``)
+
+A delta that can be folded into the base weights implements ``delta_params``; merge, unmerge and
+merge-and-unload are then done once, generically, by the container.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Sequence
+
+import torch
+from torch import nn
+
+
+class Delta(nn.Module):
+    """Base class of every placed delta."""
+
+    site: ClassVar[str] = "parallel"
+    #: The base parameters (by attribute name) that merging writes, or () if it cannot merge.
+    merges_into: ClassVar[tuple[str, ...]] = ()
+    #: True when ΔW is a function of W0 (DoRA, (IA)^3): unmerge then subtracts the ΔW kept at merge.
+    merge_uses_base: ClassVar[bool] = False
+
+    @property
+    def mergeable(self) -> bool:
+        return bool(self.merges_into)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def delta_params(self, base: nn.Module) -> dict[str, torch.Tensor]:
+        """ΔP for each name in ``merges_into``, in the base parameter's own layout, such that the
+        base with ``P + ΔP`` computes what base-plus-delta computes."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be merged into the base weights")
+
+    def rank(self) -> int | None:
+        """Rank (upper bound) of ΔW, where a weight delta exists."""
+        return None
+
+    def changed_params(self, base: nn.Module) -> int:
+        """Entries of the base model this delta changes: the base tensors merging writes, or, for a
+        delta that cannot merge, the parameters it adds (seed 001 §12's "changed parameters")."""
+        if self.merges_into:
+            return sum(getattr(base, n).numel() for n in self.merges_into if getattr(base, n, None) is not None)
+        return sum(p.numel() for p in self.parameters())
+
+    def file_state(self) -> dict[str, torch.Tensor]:
+        """Tensors to save, keyed by their name relative to the base module (PEFT's layout)."""
+        return dict(self.state_dict())
+
+    def load_file_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load what :meth:`file_state` saved; every key and shape must match exactly."""
+        own = self.file_state()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise KeyError(f"missing keys {missing}, unexpected keys {unexpected}")
+        for k, v in state.items():
+            if tuple(v.shape) != tuple(own[k].shape):
+                raise ValueError(f"{k}: file has shape {tuple(v.shape)}, this base needs {tuple(own[k].shape)}")
+        self._load_checked(state)
+
+    def _load_checked(self, state: dict[str, torch.Tensor]) -> None:
+        self.load_state_dict(state, strict=True)
+
+    @classmethod
+    def forward_routed(
+        cls, deltas: Sequence["Delta | None"], slot: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Per-row adapters in one batched computation (parallel sites only).
+
+        ``deltas[k]`` serves the rows where ``slot == k`` (``None``: no delta for that slot); rows
+        with ``slot == -1`` use the base. Return the summed Δ for the whole batch, or ``None`` to
+        let the dispatcher fall back to one sub-batch per adapter.
+        """
+        return None
+
+
+class ModelDelta(nn.Module):
+    """A model-site delta: it rewrites the model's call (embeddings, key/value prefixes...)."""
+
+    site: ClassVar[str] = "model"
+    merges_into: ClassVar[tuple[str, ...]] = ()
+
+    def prepare(self, model: nn.Module, kwargs: dict[str, Any], generating: bool = False) -> dict[str, Any]:
+        """Return the keyword arguments the base model is called with."""
+        raise NotImplementedError
+
+    def rank(self) -> int | None:
+        return None
+
+    def changed_params(self, base: nn.Module) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def file_state(self) -> dict[str, torch.Tensor]:
+        return dict(self.state_dict())
+
+    load_file_state = Delta.load_file_state
+    _load_checked = Delta._load_checked
+
+
+class HeadCopy(Delta):
+    """``modules_to_save``: a fully trainable copy of a base module (e.g. a fresh classifier head).
+
+    Output site: y <- copy(x). The base module still runs but its output is replaced, so the base is
+    never modified. Saved with the base module's own keys, as Hugging Face PEFT saves them.
+    """
+
+    site = "output"
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        import copy
+
+        self.module = copy.deepcopy(base)
+        for p in self.module.parameters():
+            p.requires_grad_(True)
+        # Merging writes the trained copy's values into the base module's own tensors.
+        self.merges_into = tuple(n for n, _ in base.named_parameters(recurse=True))
+
+    def delta_params(self, base: nn.Module) -> dict[str, torch.Tensor]:
+        own = dict(self.module.named_parameters())
+        return {n: own[n].detach() - p.detach() for n, p in base.named_parameters()}
+
+    def changed_params(self, base: nn.Module) -> int:
+        return sum(p.numel() for p in base.parameters())
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return self.module(x)
+
+    def file_state(self) -> dict[str, torch.Tensor]:
+        return dict(self.module.state_dict())
+
+    def _load_checked(self, state: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(state, strict=True)

@@ -1,0 +1,200 @@
+"""One dispatcher per hooked module: it applies the active deltas of every adapter placed there.
+
+The dispatcher owns the module's two hooks (a forward pre-hook for input sites, a forward hook for
+parallel and output sites). The module itself is never modified (DESIGN.md principle 1).
+
+Composition: every active adapter is applied; parallel deltas are summed, then output deltas are
+applied in activation order. With per-row routing (a mixed batch), row i uses only the adapter in
+its slot; a delta class may implement ``forward_routed`` to do this as one gathered batched matmul,
+otherwise the dispatcher runs one sub-batch per adapter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftlab.core.delta import Delta
+from peftlab.core.layers import is_adaptable_layer
+
+
+@dataclass
+class Routing:
+    """Per-row adapters: ``slot[i]`` indexes ``names`` (-1: the base model alone)."""
+
+    names: list[str]
+    slot: torch.Tensor
+
+
+@dataclass
+class AdapterState:
+    """What is active, shared by the container and all its dispatchers."""
+
+    active: list[str] = field(default_factory=list)
+    merged: list[str] = field(default_factory=list)
+    disabled: bool = False
+    routing: Routing | None = None
+    version: int = 0
+
+    def touch(self) -> None:
+        self.version += 1
+
+
+def _split_input(args: tuple, kwargs: dict) -> tuple[torch.Tensor, Any]:
+    """The module's main input and a function that puts a replacement back."""
+    if args:
+        return args[0], lambda new: ((new, *args[1:]), kwargs)
+    for key in ("input", "hidden_states", "x", "input_ids"):
+        if key in kwargs:
+            return kwargs[key], lambda new, key=key: (args, {**kwargs, key: new})
+    raise RuntimeError("hooked module was called without a tensor input")
+
+
+class Dispatcher:
+    def __init__(self, name: str, module: nn.Module, state: AdapterState):
+        self.name = name
+        self.module = module
+        self.state = state
+        self.deltas: dict[str, list[Delta]] = {}
+        self._cache_version = -1
+        self._active: dict[str, list[Delta]] = {}
+        # In-place addition is safe only on the fresh output of a plain layer, and only without autograd.
+        self._inplace_ok = is_adaptable_layer(module)
+        self._handles = [
+            module.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
+            module.register_forward_hook(self._post_hook, with_kwargs=True),
+        ]
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+    def add(self, adapter: str, delta: Delta) -> None:
+        self.deltas.setdefault(adapter, []).append(delta)
+        self.state.touch()
+
+    def remove(self, adapter: str) -> None:
+        self.deltas.pop(adapter, None)
+        self.state.touch()
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _active_by_site(self) -> dict[str, list[Delta]]:
+        if self._cache_version != self.state.version:
+            st = self.state
+            by_site: dict[str, list[Delta]] = {"input": [], "parallel": [], "output": []}
+            if not st.disabled:
+                for a in st.active:
+                    if a in st.merged:
+                        continue
+                    for d in self.deltas.get(a, ()):
+                        by_site[d.site].append(d)
+            self._active = by_site
+            self._cache_version = st.version
+        return self._active
+
+    def _slots(self, site: str) -> list[list[Delta]]:
+        routing = self.state.routing
+        return [[d for d in self.deltas.get(n, ()) if d.site == site] for n in routing.names]  # type: ignore[union-attr]
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
+        if self.state.routing is not None:
+            slots = self._slots("input")
+            if not any(slots):
+                return None
+            x, put = _split_input(args, kwargs)
+            return put(_routed_sequential(slots, self.state.routing.slot, x, None, input_site=True))
+        deltas = self._active_by_site()["input"]
+        if not deltas:
+            return None
+        x, put = _split_input(args, kwargs)
+        for d in deltas:
+            x = d(x)
+        return put(x)
+
+    def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any):
+        y = output[0] if isinstance(output, tuple) else output
+        if self.state.routing is not None:
+            new_y = self._routed(args, kwargs, y)
+        else:
+            active = self._active_by_site()
+            if not active["parallel"] and not active["output"]:
+                return None
+            x, _ = _split_input(args, kwargs)
+            new_y = y
+            if active["parallel"]:
+                total = None
+                for d in active["parallel"]:
+                    step = d(x, y)
+                    total = step if total is None else total + step
+                if self._inplace_ok and not torch.is_grad_enabled():
+                    new_y = y.add_(total)
+                else:
+                    new_y = y + total
+            for d in active["output"]:
+                new_y = d(x, new_y)
+        if new_y is None:
+            return None
+        return (new_y, *output[1:]) if isinstance(output, tuple) else new_y
+
+    def _routed(self, args: tuple, kwargs: dict, y: torch.Tensor) -> torch.Tensor | None:
+        routing = self.state.routing
+        assert routing is not None
+        par, out = self._slots("parallel"), self._slots("output")
+        if not any(par) and not any(out):
+            return None
+        x, _ = _split_input(args, kwargs)
+        slot = routing.slot
+        if slot.shape[0] != y.shape[0]:
+            raise ValueError(
+                f"adapter_names gives {slot.shape[0]} rows but module {self.name!r} sees a batch of {y.shape[0]}"
+            )
+        new_y = y
+        if any(par):
+            new_y = y + _routed_parallel(par, slot, x, y)
+        if any(out):
+            new_y = _routed_sequential(out, slot, x, new_y, input_site=False)
+        return new_y
+
+
+def _routed_parallel(slots: list[list[Delta]], slot: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Σ of each row's own parallel deltas: batched when the delta class allows, else per adapter."""
+    singles = [s[0] if s else None for s in slots]
+    present = [d for d in singles if d is not None]
+    if all(len(s) <= 1 for s in slots) and present:
+        # The delta class decides whether it can batch this mix (it returns None when it cannot).
+        fast = type(present[0]).forward_routed(singles, slot, x, y)
+        if fast is not None:
+            return fast
+    total = torch.zeros_like(y)
+    for k, deltas in enumerate(slots):
+        rows = (slot == k).nonzero().squeeze(1)
+        if not deltas or rows.numel() == 0:
+            continue
+        xs, ys = x.index_select(0, rows), y.index_select(0, rows)
+        part = sum(d(xs, ys) for d in deltas)
+        total = total.index_add(0, rows, part)  # type: ignore[arg-type]
+    return total
+
+
+def _routed_sequential(
+    slots: list[list[Delta]], slot: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None, input_site: bool
+) -> torch.Tensor:
+    """Each row through its own input- or output-site deltas, one sub-batch per adapter."""
+    target = x if input_site else y
+    assert target is not None
+    result = target
+    for k, deltas in enumerate(slots):
+        rows = (slot == k).nonzero().squeeze(1)
+        if not deltas or rows.numel() == 0:
+            continue
+        part = target.index_select(0, rows)
+        xs = x.index_select(0, rows)
+        for d in deltas:
+            part = d(part) if input_site else d(xs, part)
+        result = result.index_copy(0, rows, part)
+    return result

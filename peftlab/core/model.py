@@ -1,0 +1,391 @@
+"""The adapter container: the user's model plus named adapters attached by hooks.
+
+``PeftModel`` never restructures the base model: deltas live in ``pm.adapter_modules`` and reach the
+base through one :class:`~peftlab.core.dispatch.Dispatcher` per hooked module. ``pm.model`` is the
+user's own object, with its own class and ``state_dict`` keys; ``unload()`` removes every hook and
+gives it back unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from peftlab.core import io
+from peftlab.core.config import AdapterConfig, UnionConfig, as_config, config_parts
+from peftlab.core.delta import HeadCopy
+from peftlab.core.dispatch import AdapterState, Dispatcher, Routing
+from peftlab.core.registry import get_method
+from peftlab.core.targeting import TargetError, _nearest, entry_matches
+
+# A placed adapter: (union part index, module name or "" for the model level, delta)
+Placement = list[tuple[int, str, nn.Module]]
+
+_SITE_ORDER = {"parallel": 0, "input": 1, "output": 2, "model": 3}
+
+
+def build_placement(model: nn.Module, cfg: AdapterConfig | UnionConfig) -> Placement:
+    """Create (but do not attach) every delta an adapter config asks for. The model is not changed."""
+    placement: Placement = []
+    for part, pcfg in enumerate(config_parts(cfg)):
+        spec = get_method(pcfg.method)
+        for module_name, delta in spec.build(model, pcfg).items():
+            placement.append((part, module_name, delta))
+        for head in pcfg.modules_to_save or []:
+            hits = [(n, m) for n, m in model.named_modules() if n and entry_matches(head, n)]
+            if not hits:
+                near = _nearest(head, [n for n, _ in model.named_modules() if n])
+                raise TargetError(f"modules_to_save: {head!r} matches no module. Nearest module names: {', '.join(near)}")
+            # Keep only the outermost matches (a head that contains another match).
+            names = [n for n, _ in hits if not any(n.startswith(o + ".") for o, _ in hits)]
+            for n in names:
+                placement.append((part, n, HeadCopy(model.get_submodule(n))))
+    for _, module_name, delta in placement:
+        _match_device(delta, model.get_submodule(module_name) if module_name else model)
+    return placement
+
+
+def _match_device(delta: nn.Module, base: nn.Module) -> None:
+    ref = next((p for p in base.parameters() if p.is_floating_point()), None)
+    if ref is None:
+        return
+    # Adapters of a half-precision base stay float32 (their forward casts), as PEFT does by default.
+    dtype = torch.float32 if ref.dtype in (torch.float16, torch.bfloat16) else ref.dtype
+    delta.to(device=ref.device, dtype=dtype)
+
+
+def _module_key(module_name: str, part: int, taken: Iterable[str]) -> str:
+    key = (module_name.replace(".", "/") or "<model>") + (f"#{part}" if part else "")
+    while key in taken:
+        key += "'"
+    return key
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    """Whether activation checkpointing is on (transformers 5 renamed the flag)."""
+    for flag in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if flag in dir(type(model)) or hasattr(model, "__dict__") and flag in model.__dict__:
+            return bool(getattr(model, flag))
+    return False
+
+
+class PeftModel(nn.Module):
+    """A base model with named adapters. Call it exactly like the base model."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        if isinstance(model, PeftModel):
+            raise TypeError("model is already a PeftModel; call add_adapter on it instead")
+        self.model = model
+        self.adapter_modules = nn.ModuleDict()
+        self.configs: dict[str, AdapterConfig | UnionConfig] = {}
+        self.placements: dict[str, Placement] = {}
+        self._trainable: dict[str, dict[nn.Parameter, bool]] = {}
+        self._merge_log: dict[str, list[tuple[nn.Module, nn.Module, dict[str, torch.Tensor] | None]]] = {}
+        self._state = AdapterState()
+        self._dispatchers: dict[str, Dispatcher] = {}
+        self._base_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    # -- adapters -------------------------------------------------------------------------------
+    @property
+    def adapters(self) -> list[str]:
+        """Names of every adapter, in the order they were added."""
+        return list(self.configs)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._state.active)
+
+    def add_adapter(self, adapter_name: str, config: "AdapterConfig | UnionConfig | str | dict") -> "PeftModel":
+        """Create and attach a new adapter (inactive until ``set_adapter``)."""
+        self._check_new_name(adapter_name)
+        cfg = as_config(config)
+        self._install(adapter_name, cfg, build_placement(self.model, cfg))
+        return self
+
+    def _check_new_name(self, adapter_name: str) -> None:
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+            raise ValueError(f"adapter name must be a non-empty string without '.', got {adapter_name!r}")
+        if adapter_name in self.configs:
+            raise ValueError(
+                f"an adapter named {adapter_name!r} exists already (adapters: {self.adapters}); "
+                f"choose another name or delete_adapter({adapter_name!r}) first"
+            )
+
+    def _install(self, adapter_name: str, cfg: AdapterConfig | UnionConfig, placement: Placement) -> None:
+        store = nn.ModuleDict()
+        for part, module_name, delta in placement:
+            store[_module_key(module_name, part, store.keys())] = delta
+        self.adapter_modules[adapter_name] = store
+        self.configs[adapter_name] = cfg
+        self.placements[adapter_name] = placement
+        self._trainable[adapter_name] = {p: p.requires_grad for p in store.parameters()}
+        for p in store.parameters():
+            p.requires_grad_(False)
+        for _, module_name, delta in placement:
+            if delta.site == "model":
+                continue
+            disp = self._dispatchers.get(module_name)
+            if disp is None:
+                disp = self._dispatchers[module_name] = Dispatcher(
+                    module_name, self.model.get_submodule(module_name), self._state
+                )
+            disp.add(adapter_name, delta)
+        self._state.touch()
+
+    def set_adapter(self, adapter_names: str | Sequence[str]) -> None:
+        """Activate one adapter, or several (their outputs are summed / applied in order).
+
+        Only the active adapters' parameters are trainable afterwards."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self._require(names)
+        if self._state.merged and set(names) != set(self._state.active):
+            raise RuntimeError(f"adapters {self._state.merged} are merged; unmerge() before switching adapters")
+        for name, flags in self._trainable.items():
+            for p, trainable in flags.items():
+                p.requires_grad_(trainable and name in names)
+        self._state.active = names
+        self._state.touch()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Detach and forget an adapter."""
+        self._require([adapter_name])
+        if adapter_name in self._state.merged:
+            raise RuntimeError(f"adapter {adapter_name!r} is merged; unmerge() it before deleting it")
+        for module_name, disp in list(self._dispatchers.items()):
+            disp.remove(adapter_name)
+            if not disp.deltas:
+                disp.close()
+                del self._dispatchers[module_name]
+        del self.adapter_modules[adapter_name]
+        for table in (self.configs, self.placements, self._trainable):
+            table.pop(adapter_name, None)
+        self._state.active = [a for a in self._state.active if a != adapter_name]
+        self._state.touch()
+
+    def _require(self, names: Iterable[str]) -> None:
+        for n in names:
+            if n not in self.configs:
+                raise KeyError(f"no adapter named {n!r}; adapters: {self.adapters}")
+
+    @contextlib.contextmanager
+    def disable_adapters(self) -> Iterator[None]:
+        """Run the base model alone inside the block."""
+        if self._state.merged:
+            raise RuntimeError(f"adapters {self._state.merged} are merged into the weights; unmerge() first")
+        previous = self._state.disabled
+        self._state.disabled = True
+        self._state.touch()
+        try:
+            yield
+        finally:
+            self._state.disabled = previous
+            self._state.touch()
+
+    # -- calling --------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _call_context(self, adapter_names: Sequence[str | None] | None) -> Iterator[None]:
+        st = self._state
+        if adapter_names is None:
+            st.routing = None
+        else:
+            if st.merged:
+                raise RuntimeError("per-row adapter_names cannot be used while adapters are merged; unmerge() first")
+            names = [n for n in dict.fromkeys(adapter_names) if n is not None and n != "__base__"]
+            self._require(names)
+            index = {n: i for i, n in enumerate(names)}
+            ref = next(iter(self.model.parameters()))
+            slot = torch.tensor([index.get(n, -1) if n is not None else -1 for n in adapter_names], device=ref.device)
+            st.routing = Routing(names, slot)
+        try:
+            yield
+        finally:
+            # With activation checkpointing the backward pass re-runs the hooks, so the routing of a
+            # training step must outlive the forward call; the next call replaces it.
+            keep = st.routing is not None and torch.is_grad_enabled() and _checkpointing(self.model)
+            if not keep:
+                st.routing = None
+
+    def _model_deltas(self) -> list[nn.Module]:
+        st = self._state
+        if st.disabled:
+            return []
+        names = st.routing.names if st.routing is not None else st.active
+        deltas = [d for n in names for _, m, d in self.placements[n] if d.site == "model"]
+        if deltas and st.routing is not None:
+            raise NotImplementedError("model-site methods (prefix tuning) cannot be mixed per row yet")
+        return deltas
+
+    def forward(self, *args: Any, adapter_names: Sequence[str | None] | None = None, **kwargs: Any) -> Any:
+        """Call the base model with the active adapters, or with one adapter per row
+        (``adapter_names[i]`` for row i; ``None`` or ``"__base__"`` for the base model)."""
+        with self._call_context(adapter_names):
+            for d in self._model_deltas():
+                kwargs = d.prepare(self.model, kwargs, generating=False)
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: Sequence[str | None] | None = None, **kwargs: Any) -> Any:
+        """``model.generate`` with the active adapters (or one per row)."""
+        with self._call_context(adapter_names):
+            for d in self._model_deltas():
+                kwargs = d.prepare(self.model, kwargs, generating=True)
+            return self.model.generate(*args, **kwargs)
+
+    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
+        """Turn on activation checkpointing in the base model (non-reentrant by default, so frozen
+        inputs still let gradients reach the adapters)."""
+        kwargs.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
+        self.model.gradient_checkpointing_enable(**kwargs)
+        if kwargs["gradient_checkpointing_kwargs"].get("use_reentrant", True) and hasattr(
+            self.model, "enable_input_require_grads"
+        ):
+            self.model.enable_input_require_grads()
+
+    # -- merging --------------------------------------------------------------------------------
+    def merge(self, adapter_names: Sequence[str] | None = None) -> None:
+        """Fold adapters into the base weights: W <- W + ΔW for every mergeable delta.
+
+        Merged adapters are skipped by the hooks, so outputs are unchanged (up to rounding)."""
+        names = list(adapter_names) if adapter_names is not None else list(self._state.active)
+        self._require(names)
+        for name in names:
+            if name in self._state.merged:
+                continue
+            placement = self.placements[name]
+            for _, module_name, delta in placement:
+                if not delta.mergeable:
+                    raise RuntimeError(
+                        f"adapter {name!r}: {type(delta).__name__} at {module_name or 'model level'!r} cannot be merged"
+                    )
+            log = []
+            with torch.no_grad():
+                for _, module_name, delta in sorted(placement, key=lambda t: _SITE_ORDER[t[2].site]):
+                    base = self.model.get_submodule(module_name)
+                    dparams = delta.delta_params(base)
+                    for pname, dp in dparams.items():
+                        base.get_parameter(pname).add_(dp.to(base.get_parameter(pname).dtype))
+                    log.append((base, delta, dparams if delta.merge_uses_base else None))
+            self._merge_log[name] = log
+            self._state.merged.append(name)
+        self._state.touch()
+
+    def unmerge(self) -> None:
+        """Undo ``merge``: W <- W - ΔW, newest adapter first (base restored up to float rounding)."""
+        with torch.no_grad():
+            for name in reversed(self._state.merged):
+                for base, delta, kept in reversed(self._merge_log.pop(name)):
+                    dparams = kept if kept is not None else delta.delta_params(base)
+                    for pname, dp in dparams.items():
+                        base.get_parameter(pname).sub_(dp.to(base.get_parameter(pname).dtype))
+        self._state.merged = []
+        self._state.touch()
+
+    def unload(self) -> nn.Module:
+        """Remove every hook (unmerging first) and give back the base model as it was."""
+        if self._state.merged:
+            self.unmerge()
+        for disp in self._dispatchers.values():
+            disp.close()
+        self._dispatchers.clear()
+        for n, p in self.model.named_parameters():
+            p.requires_grad_(self._base_requires_grad.get(n, p.requires_grad))
+        model = self.model
+        for name in list(self.configs):
+            del self.adapter_modules[name]
+        self.configs.clear()
+        self.placements.clear()
+        self._trainable.clear()
+        self._state.active = []
+        self._state.touch()
+        return model
+
+    def merge_and_unload(self, adapter_names: Sequence[str] | None = None) -> nn.Module:
+        """Merge the adapters for good and return the plain base model (no hooks, no extra cost)."""
+        self.merge(adapter_names)
+        self._state.merged = []
+        self._merge_log.clear()
+        return self.unload()
+
+    # -- files and accounting ---------------------------------------------------------------------
+    def adapter_tensors(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+        self._require([adapter_name])
+        return io.placement_tensors(self.placements[adapter_name], isinstance(self.configs[adapter_name], UnionConfig))
+
+    def save(self, path: str | os.PathLike, adapter_name: str = "default") -> None:
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT's format where PEFT has the method)."""
+        self._require([adapter_name])
+        io.save_adapter(path, self.configs[adapter_name], self.adapter_tensors(adapter_name))
+
+    def report(self, adapter_name: str | None = None) -> dict[str, Any]:
+        """Honest accounting (DESIGN.md principle 4) for one adapter (default: the first active one)."""
+        from peftlab.core.accounting import adapter_report
+
+        name = adapter_name or (self._state.active[0] if self._state.active else (self.adapters or [None])[0])
+        if name is None:
+            raise ValueError("the model has no adapter")
+        self._require([name])
+        return adapter_report(self, name)
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.adapters}, active={self.active_adapters}, merged={self._state.merged}"
+
+
+def apply(
+    model: nn.Module,
+    config: "AdapterConfig | UnionConfig | str | dict",
+    adapter_name: str = "default",
+    **overrides: Any,
+) -> PeftModel:
+    """Attach a new adapter to ``model`` and activate it.
+
+    ``config`` is a config object, a dict, or a method string such as
+    ``"lora[r=8,alpha=16,targets=q_proj|v_proj]"``. ``overrides`` set config fields (on the first
+    part of a union), e.g. ``modules_to_save=["classifier"]``. The base parameters are frozen.
+    """
+    cfg = as_config(config)
+    if overrides:
+        if isinstance(cfg, UnionConfig):
+            cfg = UnionConfig([cfg.parts[0].replace(**overrides), *cfg.parts[1:]])
+        else:
+            cfg = cfg.replace(**overrides)
+    placement = build_placement(model.model if isinstance(model, PeftModel) else model, cfg)
+    pm = model if isinstance(model, PeftModel) else PeftModel(model)
+    pm._check_new_name(adapter_name)
+    pm._install(adapter_name, cfg, placement)
+    pm.set_adapter(adapter_name)
+    return pm
+
+
+def load(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> PeftModel:
+    """Load an adapter directory (written by peftlab or by Hugging Face PEFT) onto ``model``.
+
+    Everything is validated before the model is touched: a missing directory, a corrupt file or an
+    adapter made for another base raises :class:`~peftlab.core.io.AdapterFileError`. On a plain
+    model the adapter becomes active; on a ``PeftModel`` it is added (and activated if none is).
+    """
+    existing = model if isinstance(model, PeftModel) else None
+    base = existing.model if existing is not None else model
+    if existing is not None:
+        existing._check_new_name(adapter_name)
+    cfg, tensors = io.read_adapter(path)
+    placement = build_placement(base, cfg)
+    io.load_into_placement(placement, tensors, isinstance(cfg, UnionConfig), where=str(path))
+    pm = existing if existing is not None else PeftModel(base)
+    pm._install(adapter_name, cfg, placement)
+    if existing is None or not pm.active_adapters:
+        pm.set_adapter(adapter_name)
+    return pm

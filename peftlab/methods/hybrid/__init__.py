@@ -1,0 +1,1 @@
+"""Methods of this family register themselves on import."""

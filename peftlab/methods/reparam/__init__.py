@@ -1,0 +1,3 @@
+"""Reparameterized methods: they change W through a low-rank or structured ΔW."""
+
+from peftlab.methods.reparam import lora  # noqa: F401

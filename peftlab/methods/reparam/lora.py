@@ -1,0 +1,459 @@
+"""The LoRA family: LoRA, rsLoRA, DoRA, LoRA-FA, with gaussian / kaiming / PiSSA / OLoRA inits.
+
+LoRA (Hu et al. 2021; seed 002 eq. 12):     h = W0 x + s · B A x,   A ∈ R^{r×in}, B ∈ R^{out×r}, B = 0
+    s = α / r, or α / √r with rsLoRA (Kalajdzievski 2023).
+DoRA (Liu et al. 2024; seed 002 eq. 17-18):  W' = m ⊙ (W0 + s B A) / ‖W0 + s B A‖_row,   m₀ = ‖W0‖_row
+    computed as  h = W0 x + (m/n − 1) ⊙ W0 x + (m/n) ⊙ s B A x  with n = ‖W0 + s B A‖_row detached.
+LoRA-FA (Zhang et al. 2023): A frozen (orthogonal random rows), only B trained; A's input is never
+    kept for backward, which is where its memory saving comes from.
+PiSSA / OLoRA: A, B start from the top-r SVD (resp. QR) factors of W0. Hugging Face PEFT overwrites W0
+    with the residual W0 − s B₀A₀; we never touch the base (DESIGN.md principle 1) and subtract the
+    frozen initial product instead: h = W0 x + s (B A − B₀ A₀) x. The function is the same, so files
+    are interchangeable with PEFT (B₀A₀ is recomputed from W0 on load, as PEFT does).
+
+Layers: ``nn.Linear``, GPT-2's ``Conv1D``, ``nn.Embedding`` and ``nn.Conv2d`` (DoRA: the linear ones).
+Files use PEFT's key names (``lora_A.weight``, ``lora_B.weight``, ``lora_magnitude_vector``,
+``lora_embedding_A``, ``lora_embedding_B``) and config fields.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftlab.core.config import AdapterConfig, ConfigError
+from peftlab.core.delta import Delta
+from peftlab.core.io import register_peft_format
+from peftlab.core.layers import is_adaptable_layer, layer_info, to_module_layout, weight_out_in
+from peftlab.core.registry import register_method
+from peftlab.core.targeting import is_linear, select_modules
+
+#: Query and value projections of the common architectures (Llama, BERT, GPT-2, T5, ViT).
+DEFAULT_TARGETS = ["q_proj", "v_proj", "query", "value", "c_attn", "q", "v"]
+INITS = ("kaiming", "gaussian", "pissa", "olora")
+
+
+@dataclass(kw_only=True)
+class LoraConfig(AdapterConfig):
+    """LoRA: rank ``r``, scale ``alpha / r`` (``alpha / sqrt(r)`` with ``rslora``), input dropout."""
+
+    method = "lora"
+    r: int = 8
+    alpha: float = 8
+    dropout: float = 0.0
+    rslora: bool = False
+    init: str = "kaiming"
+
+    def validate(self) -> None:
+        self._check(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0, "r", "a positive int")
+        self._check(isinstance(self.alpha, (int, float)) and self.alpha > 0, "alpha", "a positive number")
+        self._check(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, "dropout", "a number in [0, 1)")
+        self._check(isinstance(self.rslora, bool), "rslora", "true or false")
+        self._check(self.init in INITS, "init", f"one of {', '.join(INITS)}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+    def to_peft(self) -> dict[str, Any]:
+        """Hugging Face PEFT's ``LoraConfig`` fields for this config."""
+        return {
+            "peft_type": "LORA",
+            "r": self.r,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "target_modules": _targets_to_peft(self.targets if self.targets is not None else DEFAULT_TARGETS),
+            "exclude_modules": _targets_to_peft(self.exclude) if self.exclude else None,
+            "layers_to_transform": self.layers,
+            "layers_pattern": None,
+            "use_rslora": self.rslora,
+            "use_dora": self.method == "dora",
+            "init_lora_weights": {"kaiming": True}.get(self.init, self.init),
+            "modules_to_save": self.modules_to_save,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+            "task_type": None,
+            "inference_mode": True,
+            "base_model_name_or_path": None,
+            "revision": None,
+        }
+
+
+@dataclass(kw_only=True)
+class DoraConfig(LoraConfig):
+    """DoRA: LoRA on the direction, plus a trainable magnitude per output row."""
+
+    method = "dora"
+
+
+@dataclass(kw_only=True)
+class LoraFaConfig(LoraConfig):
+    """LoRA-FA: A frozen at a random orthogonal init, only B is trained."""
+
+    method = "lora_fa"
+
+    def validate(self) -> None:
+        super().validate()
+        self._check(self.init in ("kaiming", "gaussian"), "init", "kaiming or gaussian (A is frozen)")
+
+
+def _targets_to_peft(entries: list[str] | None) -> list[str] | str | None:
+    """Our entries as PEFT's ``target_modules``: a list of suffixes, or one regex if any is ``re:``."""
+    if entries is None:
+        return None
+    if entries == ["all-linear"]:
+        return "all-linear"
+    if not any(e.startswith("re:") or e == "all-linear" for e in entries):
+        return list(entries)
+    if "all-linear" in entries:
+        raise ConfigError("targets: 'all-linear' cannot be combined with other entries in a PEFT file")
+    alts = [e[3:] if e.startswith("re:") else rf"(?:.*\.)?{re.escape(e)}" for e in entries]
+    return "(?:" + "|".join(alts) + ")"
+
+
+def _targets_from_peft(value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return ["all-linear"] if value == "all-linear" else ["re:" + value]
+    return list(value)
+
+
+def _config_from_peft(d: dict[str, Any]) -> LoraConfig:
+    for unsupported in ("rank_pattern", "alpha_pattern"):
+        if d.get(unsupported):
+            raise ConfigError(f"PEFT field {unsupported} is not supported yet (got {d[unsupported]})")
+    init = d.get("init_lora_weights", True)
+    init = "kaiming" if init in (True, False, None) else str(init)
+    cls = DoraConfig if d.get("use_dora") else LoraConfig
+    return cls(
+        r=int(d["r"]),
+        alpha=d.get("lora_alpha", 8),
+        dropout=float(d.get("lora_dropout", 0.0)),
+        rslora=bool(d.get("use_rslora", False)),
+        init=init,
+        targets=_targets_from_peft(d.get("target_modules")),
+        exclude=_targets_from_peft(d.get("exclude_modules")),
+        layers=d.get("layers_to_transform"),
+        modules_to_save=d.get("modules_to_save"),
+    )
+
+
+register_peft_format("LORA", _config_from_peft)
+
+
+# -- math -----------------------------------------------------------------------------------------
+class _DropoutThenLinear(torch.autograd.Function):
+    """``F.linear(dropout(x), A)`` that keeps no dropped copy of x for backward.
+
+    The mask is regenerated from a seed in backward, and x is saved only when A needs a gradient,
+    so dropout costs no activation memory and LoRA-FA (frozen A) keeps nothing but A x."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, p: float, seed: int) -> torch.Tensor:  # type: ignore[override]
+        ctx.p, ctx.seed = p, seed
+        ctx.save_for_backward(x if weight.requires_grad else None, weight)
+        return F.linear(_dropped(x, p, seed), weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _dropped(grad @ weight, ctx.p, ctx.seed)
+        if ctx.needs_input_grad[1]:
+            xd = _dropped(x, ctx.p, ctx.seed)
+            grad_w = grad.reshape(-1, grad.shape[-1]).T @ xd.reshape(-1, xd.shape[-1])
+        return grad_x, grad_w, None, None
+
+
+def _dropped(t: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """t ⊙ mask / (1 − p) with a mask that depends only on (seed, shape, device)."""
+    if p == 0:
+        return t
+    gen = torch.Generator(device=t.device).manual_seed(seed)
+    keep = torch.empty(t.shape, device=t.device, dtype=t.dtype).bernoulli_(1 - p, generator=gen)
+    return t * keep.div_(1 - p)
+
+
+def lora_down(x: torch.Tensor, A: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """A · dropout(x), the memory-lean way when it matters (dropout, or a frozen A)."""
+    use_fn = torch.is_grad_enabled() and (x.requires_grad or A.requires_grad) and ((training and p > 0) or not A.requires_grad)
+    if use_fn:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+        return _DropoutThenLinear.apply(x, A, p if training else 0.0, seed)
+    if training and p > 0:
+        x = F.dropout(x, p, True)
+    return F.linear(x, A)
+
+
+def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, p: float = 0.0, training: bool = False) -> torch.Tensor:
+    """Δh = s · B A dropout(x) for x of shape (..., in); the scale is applied to the r-dim middle."""
+    return F.linear(lora_down(x, A, p, training) * scaling, B)
+
+
+# -- deltas ---------------------------------------------------------------------------------------
+class LoraLinear(Delta):
+    """LoRA on ``nn.Linear`` or ``Conv1D``: parallel site, Δh = s · B A x (− s · B₀ A₀ x for PiSSA/OLoRA)."""
+
+    site = "parallel"
+    merges_into = ("weight",)
+
+    def __init__(self, base: nn.Module, cfg: LoraConfig):
+        super().__init__()
+        info = layer_info(base)
+        self.r, self.scaling, self.p = cfg.r, cfg.scaling, float(cfg.dropout)
+        self.lora_A = nn.Linear(info.in_features, cfg.r, bias=False)
+        self.lora_B = nn.Linear(cfg.r, info.out_features, bias=False)
+        self.residual = cfg.init in ("pissa", "olora")
+        self.register_buffer("A0", None, persistent=False)
+        self.register_buffer("B0", None, persistent=False)
+        with torch.no_grad():
+            if cfg.init == "gaussian":
+                nn.init.normal_(self.lora_A.weight, std=1 / cfg.r)
+            elif cfg.method == "lora_fa":
+                nn.init.orthogonal_(self.lora_A.weight)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B.weight)
+            if self.residual:
+                A, B = _principal_factors(weight_out_in(base).float(), cfg)
+                self.lora_A.weight.copy_(A)
+                self.lora_B.weight.copy_(B)
+                self.A0, self.B0 = A.clone(), B.clone()
+        if cfg.method == "lora_fa":
+            self.lora_A.weight.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        out = self._lora_out(x.to(self.lora_A.weight.dtype), self.p)
+        return out.to(x.dtype if y is None else y.dtype)
+
+    def _lora_out(self, x: torch.Tensor, p: float) -> torch.Tensor:
+        out = lora_delta(x, self.lora_A.weight, self.lora_B.weight, self.scaling, p, self.training)
+        if self.residual:
+            out = out - F.linear(F.linear(x, self.A0) * self.scaling, self.B0)
+        return out
+
+    def delta_out_in(self) -> torch.Tensor:
+        """ΔW in (out, in) layout: s · (B A − B₀ A₀)."""
+        dw = self.lora_B.weight @ self.lora_A.weight
+        if self.residual:
+            dw = dw - self.B0 @ self.A0
+        return self.scaling * dw
+
+    def delta_params(self, base: nn.Module) -> dict[str, torch.Tensor]:
+        return {"weight": to_module_layout(base, self.delta_out_in().detach())}
+
+    def rank(self) -> int:
+        return 2 * self.r if self.residual else self.r
+
+    @classmethod
+    def forward_routed(
+        cls, deltas: Sequence[Delta | None], slot: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Mixed batch as two gathered batched matmuls: row i uses (A_k, B_k, s_k) of its slot k.
+
+        Ranks are zero-padded to the largest one; slot -1 gathers an all-zero adapter."""
+        present = [d for d in deltas if d is not None]
+        if not all(type(d) in (LoraLinear, DoraLinear) and not d.residual for d in present):
+            return None
+        if any(d.training and d.p > 0 for d in present):
+            return None  # dropout per row: take the sub-batch path
+        A, B, scale, mag = _stacked(deltas, x.dtype, torch.is_grad_enabled())
+        index = slot + 1
+        seq_shape = x.shape[1:-1]
+        xf = x.reshape(x.shape[0], -1, x.shape[-1]).to(A.dtype)  # (batch, tokens, in)
+        h = torch.bmm(xf, A.index_select(0, index).transpose(1, 2))  # (batch, tokens, r)
+        h = h * scale.index_select(0, index).view(-1, 1, 1)
+        out = torch.bmm(h, B.index_select(0, index).transpose(1, 2))  # (batch, tokens, out)
+        if mag is not None:  # DoRA rows: (m/n − 1) ⊙ W0 x + (m/n) ⊙ s B A x
+            g = mag.index_select(0, index).unsqueeze(1)  # (batch, 1, out)
+            base_out = _without_bias(deltas, y).reshape(out.shape)
+            out = (g - 1) * base_out + g * out
+        return out.reshape(x.shape[0], *seq_shape, out.shape[-1]).to(y.dtype)
+
+
+def _without_bias(deltas: Sequence[Delta | None], y: torch.Tensor) -> torch.Tensor:
+    base = next(d for d in deltas if d is not None).base_layer  # type: ignore[union-attr]
+    return y - base.bias if getattr(base, "bias", None) is not None else y
+
+
+def _stacked(deltas: Sequence[Delta | None], dtype: torch.dtype, grad: bool):
+    """(A, B, scale, magnitude-ratio) stacked over slots with an all-zero slot 0 for base rows.
+
+    Without autograd the stacks are cached until any adapter parameter changes (``_version``)."""
+    present = [d for d in deltas if d is not None]
+    key = tuple((id(d), d.lora_A.weight._version, d.lora_B.weight._version) if d is not None else None for d in deltas)
+    holder = present[0]
+    if not grad and getattr(holder, "_stack_key", None) == key:
+        return holder._stack_val
+    r = max(d.r for d in present)
+    ref = present[0].lora_A.weight
+    out_f, in_f = present[0].lora_B.weight.shape[0], ref.shape[1]
+    zA, zB = ref.new_zeros(r, in_f), ref.new_zeros(out_f, r)
+    As, Bs, scales, mags = [zA], [zB], [0.0], []
+    any_dora = any(isinstance(d, DoraLinear) for d in present)
+    ones = ref.new_ones(out_f)
+    mags.append(ones)
+    for d in deltas:
+        if d is None:
+            As.append(zA); Bs.append(zB); scales.append(0.0); mags.append(ones)  # noqa: E702
+            continue
+        As.append(F.pad(d.lora_A.weight, (0, 0, 0, r - d.r)))
+        Bs.append(F.pad(d.lora_B.weight, (0, r - d.r)))
+        scales.append(d.scaling)
+        mags.append(d.magnitude_ratio() if isinstance(d, DoraLinear) else ones)
+    val = (
+        torch.stack(As),
+        torch.stack(Bs),
+        torch.tensor(scales, device=ref.device, dtype=ref.dtype),
+        torch.stack(mags) if any_dora else None,
+    )
+    if not grad:
+        holder._stack_key, holder._stack_val = key, val
+    return val
+
+
+class DoraLinear(LoraLinear):
+    """DoRA: parallel site Δh = (m/n − 1) ⊙ (h − b) + (m/n) ⊙ s B A x, n = ‖W0 + s B A‖_row (detached)."""
+
+    merge_uses_base = True
+
+    def __init__(self, base: nn.Module, cfg: LoraConfig):
+        super().__init__(base, cfg)
+        self.__dict__["base_layer"] = base  # a reference, not a submodule: the base stays outside the adapter
+        with torch.no_grad():
+            norm = self._weight_norm()
+        self.lora_magnitude_vector = nn.Parameter(norm.clone())
+
+    def _weight_norm(self) -> torch.Tensor:
+        w = weight_out_in(self.base_layer).to(self.lora_A.weight.dtype)
+        return torch.linalg.vector_norm(w + self.delta_out_in().detach(), dim=1)
+
+    def magnitude_ratio(self) -> torch.Tensor:
+        """m / ‖W0 + s B A‖_row, the norm detached as in the DoRA paper (§4.3)."""
+        return self.lora_magnitude_vector / self._weight_norm()
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        assert y is not None
+        g = self.magnitude_ratio()
+        xa = x.to(g.dtype)
+        if self.training and self.p > 0:
+            # As PEFT: with dropout, the base term is recomputed on the same dropped input.
+            xa = F.dropout(xa, self.p, True)
+            base_out = F.linear(xa, weight_out_in(self.base_layer).to(g.dtype))
+            lora = self._lora_out(xa, 0.0)
+        else:
+            base_out = _without_bias([self], y).to(g.dtype)
+            lora = self._lora_out(xa, 0.0)
+        return ((g - 1) * base_out + g * lora).to(y.dtype)
+
+    def delta_params(self, base: nn.Module) -> dict[str, torch.Tensor]:
+        w = weight_out_in(base).to(self.lora_A.weight.dtype)
+        new = self.magnitude_ratio().detach().unsqueeze(1) * (w + self.delta_out_in().detach())
+        return {"weight": to_module_layout(base, new - w)}
+
+    def changed_params(self, base: nn.Module) -> int:
+        return base.weight.numel()
+
+
+class LoraEmbedding(Delta):
+    """LoRA on ``nn.Embedding``: Δh = s · B A[:, ids] (A = 0, B normal at init, as in PEFT)."""
+
+    site = "parallel"
+    merges_into = ("weight",)
+
+    def __init__(self, base: nn.Embedding, cfg: LoraConfig):
+        super().__init__()
+        self.r, self.scaling = cfg.r, cfg.scaling
+        self.padding_idx = base.padding_idx
+        self.lora_embedding_A = nn.Parameter(torch.zeros(cfg.r, base.num_embeddings))
+        self.lora_embedding_B = nn.Parameter(torch.randn(base.embedding_dim, cfg.r))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        after_a = F.embedding(x, self.lora_embedding_A.T, padding_idx=self.padding_idx)
+        out = (after_a @ self.lora_embedding_B.T) * self.scaling
+        return out if y is None else out.to(y.dtype)
+
+    def delta_params(self, base: nn.Module) -> dict[str, torch.Tensor]:
+        return {"weight": (self.scaling * (self.lora_embedding_B @ self.lora_embedding_A)).T.detach()}
+
+    def rank(self) -> int:
+        return self.r
+
+
+class LoraConv2d(Delta):
+    """LoRA on ``nn.Conv2d``: A is a conv with the base's kernel (in → r), B a 1×1 conv (r → out)."""
+
+    site = "parallel"
+    merges_into = ("weight",)
+
+    def __init__(self, base: nn.Conv2d, cfg: LoraConfig):
+        super().__init__()
+        if base.groups != 1:
+            raise ConfigError("lora on grouped Conv2d is not supported")
+        self.r, self.scaling, self.p = cfg.r, cfg.scaling, float(cfg.dropout)
+        self.lora_A = nn.Conv2d(base.in_channels, cfg.r, base.kernel_size, base.stride, base.padding, base.dilation, bias=False)
+        self.lora_B = nn.Conv2d(cfg.r, base.out_channels, 1, bias=False)
+        with torch.no_grad():
+            if cfg.init == "gaussian":
+                nn.init.normal_(self.lora_A.weight, std=1 / cfg.r)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        x = F.dropout(x, self.p, self.training) if self.p else x
+        return self.lora_B(self.lora_A(x)) * self.scaling
+
+    def delta_params(self, base: nn.Module) -> dict[str, torch.Tensor]:
+        B = self.lora_B.weight.flatten(1)  # (out, r)
+        return {"weight": self.scaling * torch.einsum("or,rikl->oikl", B, self.lora_A.weight).detach()}
+
+    def rank(self) -> int:
+        return self.r
+
+
+def _principal_factors(w: torch.Tensor, cfg: LoraConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """PiSSA: A = √S_r U_rᵀ, B = V_r √S_r of the SVD of W0 / s; OLoRA: A = R[:r], B = Q[:, :r] of W0 = QR."""
+    if cfg.init == "pissa":
+        V, S, Uh = torch.linalg.svd(w, full_matrices=False)
+        Sr = S[: cfg.r] / cfg.scaling
+        return torch.diag(Sr.sqrt()) @ Uh[: cfg.r], V[:, : cfg.r] @ torch.diag(Sr.sqrt())
+    Q, R = torch.linalg.qr(w)
+    return R[: cfg.r].contiguous(), Q[:, : cfg.r].contiguous()
+
+
+def _build(model: nn.Module, cfg: LoraConfig) -> dict[str, Delta]:
+    if cfg.method == "dora":
+        accept, what = is_linear, "Linear or Conv1D layer (DoRA)"
+    elif cfg.init in ("pissa", "olora") or cfg.method == "lora_fa":
+        accept, what = is_linear, f"Linear or Conv1D layer ({cfg.method}, init={cfg.init})"
+    else:
+        accept, what = is_adaptable_layer, "Linear, Conv1D, Embedding or Conv2d layer"
+    modules = select_modules(model, cfg, default=DEFAULT_TARGETS, accept=accept, what=what)
+    placed: dict[str, Delta] = {}
+    for name, module in modules.items():
+        kind = layer_info(module).kind
+        if cfg.method == "dora":
+            placed[name] = DoraLinear(module, cfg)
+        elif kind == "embedding":
+            placed[name] = LoraEmbedding(module, cfg)
+        elif kind == "conv2d":
+            placed[name] = LoraConv2d(module, cfg)
+        else:
+            placed[name] = LoraLinear(module, cfg)
+    return placed
+
+
+register_method("lora", LoraConfig, "reparam")(_build)
+register_method("dora", DoraConfig, "reparam")(_build)
+register_method("lora_fa", LoraFaConfig, "reparam")(_build)
