@@ -46,6 +46,8 @@ class AdapterConfig:
     """
 
     method: ClassVar[str] = ""
+    #: Whether a fresh adapter computes exactly the base model's function (checked for every method).
+    identity_at_init: ClassVar[bool] = True
     targets: list[str] | None = None
     exclude: list[str] | None = None
     layers: list[int] | None = None

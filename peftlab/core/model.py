@@ -249,7 +249,11 @@ class PeftModel(nn.Module):
         """Turn on activation checkpointing in the base model (non-reentrant by default, so frozen
         inputs still let gradients reach the adapters)."""
         kwargs.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
-        self.model.gradient_checkpointing_enable(**kwargs)
+        if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
+            rest = {k: v for k, v in kwargs.items() if k != "gradient_checkpointing_kwargs"}
+            self.model.activation_checkpointing_enable(kwargs["gradient_checkpointing_kwargs"], **rest)
+        else:
+            self.model.gradient_checkpointing_enable(**kwargs)
         if kwargs["gradient_checkpointing_kwargs"].get("use_reentrant", True) and hasattr(
             self.model, "enable_input_require_grads"
         ):

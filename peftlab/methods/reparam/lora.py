@@ -210,6 +210,7 @@ class LoraLinear(Delta):
     def __init__(self, base: nn.Module, cfg: LoraConfig):
         super().__init__()
         info = layer_info(base)
+        self.__dict__["base_layer"] = base  # a reference, not a submodule: the base stays outside the adapter
         self.r, self.scaling, self.p = cfg.r, cfg.scaling, float(cfg.dropout)
         self.lora_A = nn.Linear(info.in_features, cfg.r, bias=False)
         self.lora_B = nn.Linear(cfg.r, info.out_features, bias=False)
@@ -329,7 +330,6 @@ class DoraLinear(LoraLinear):
 
     def __init__(self, base: nn.Module, cfg: LoraConfig):
         super().__init__(base, cfg)
-        self.__dict__["base_layer"] = base  # a reference, not a submodule: the base stays outside the adapter
         with torch.no_grad():
             norm = self._weight_norm()
         self.lora_magnitude_vector = nn.Parameter(norm.clone())
