@@ -28,6 +28,7 @@ class ConfigError(ValueError):
 
 def _close(name: str, options: list[str]) -> str:
     close = difflib.get_close_matches(name, options, n=3, cutoff=0.5)
+    close += [o for o in options if o not in close and (name.startswith(o) or o.startswith(name))]  # rank -> r
     return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
 
 

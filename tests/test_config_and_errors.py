@@ -1,0 +1,191 @@
+"""Configs, the string grammar, targeting, and bad input: every error names what was wrong and
+what would be right, and the user's model is left exactly as it was."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import peftlab
+from peftlab.core.config import UnionConfig, parse_method_string
+from peftlab.core.targeting import select_modules
+
+from conftest import first_output, randomize_adapter
+
+
+def test_string_grammar_parses_types_and_lists():
+    cfg = parse_method_string("lora[r=8,alpha=16,dropout=0.05,rslora=true,init=pissa,targets=q_proj|v_proj,layers=0|1]")
+    assert isinstance(cfg, peftlab.LoraConfig)
+    assert (cfg.r, cfg.alpha, cfg.dropout, cfg.rslora, cfg.init) == (8, 16, 0.05, True, "pissa")
+    assert cfg.targets == ["q_proj", "v_proj"] and cfg.layers == [0, 1]
+    assert parse_method_string("lora[targets=query]").targets == ["query"]
+    assert parse_method_string(r"lora[targets=re:.*\.(q|v)_proj]").targets == [r"re:.*\.(q|v)_proj"]
+    assert parse_method_string("dora[r=8,alpha=16,targets=q_proj|v_proj]").method == "dora"
+
+
+def test_union_grammar():
+    cfg = parse_method_string("lora[r=4]+dora[r=2,targets=o_proj]")
+    assert isinstance(cfg, UnionConfig) and [p.method for p in cfg.parts] == ["lora", "dora"]
+    assert parse_method_string(cfg.to_string()).to_dict() == cfg.to_dict()
+
+
+def test_config_json_round_trip():
+    cfg = peftlab.LoraConfig(r=8, alpha=16, dropout=0.0, targets=["q_proj", "v_proj"], exclude=["layers.1.self_attn.q_proj"])
+    again = peftlab.core.config.config_from_dict(json.loads(cfg.to_json()))
+    assert again == cfg
+
+
+@pytest.mark.parametrize(
+    "spec, field",
+    [("lora[rank=8]", "rank"), ("lora[r=0]", "r"), ("lora[dropout=1.5]", "dropout"), ("lora[init=xavier]", "init")],
+)
+def test_wrong_field_names_the_field(spec, field):
+    with pytest.raises(peftlab.ConfigError, match=field) as e:
+        parse_method_string(spec)
+    if spec == "lora[rank=8]":
+        assert "Valid fields" in str(e.value) and "'r'" in str(e.value)
+
+
+def test_wrong_field_in_config_object():
+    with pytest.raises(TypeError, match="rank"):
+        peftlab.LoraConfig(rank=8)
+    with pytest.raises(peftlab.ConfigError, match="alpha"):
+        peftlab.LoraConfig(alpha=-1)
+
+
+def test_unknown_method_lists_registered():
+    with pytest.raises(peftlab.ConfigError, match="Registered: .*lora"):
+        parse_method_string("lorra[r=8]")
+
+
+def test_unknown_target_lists_nearest_modules(tiny):
+    model, _ = tiny("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(peftlab.TargetError, match="q_proj") as e:
+        peftlab.apply(model, "lora[targets=q_prj]")
+    assert "Nearest module names" in str(e.value)
+    assert all(p.requires_grad for p in model.parameters()), "a failed apply leaves the model as it was"
+    assert not any(m._forward_hooks for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_targeting_rules(tiny):
+    model, _ = tiny("llama")
+    names = lambda **kw: list(select_modules(model, peftlab.LoraConfig(**kw)))  # noqa: E731
+    assert names(targets=["model.layers.0.self_attn.q_proj"]) == ["model.layers.0.self_attn.q_proj"]
+    assert names(targets=["q_proj"]) == [f"model.layers.{i}.self_attn.q_proj" for i in range(2)]
+    assert names(targets=[r"re:.*layers\.1\..*_proj"]) == [
+        n for n, _ in model.named_modules() if n.startswith("model.layers.1.") and n.endswith("_proj")
+    ]
+    all_linear = names(targets=["all-linear"])
+    assert len(all_linear) == 2 * 7 and "lm_head" not in all_linear
+    assert names(targets=["q_proj", "v_proj"], layers=[1]) == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    assert names(targets=["all-linear"], exclude=["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]) == [
+        n for n in all_linear if ".mlp." not in n
+    ]
+    assert names(targets=["all-linear"], module_types=["Linear"]) == all_linear
+    with pytest.raises(peftlab.TargetError, match="select no"):
+        names(targets=["q_proj"], layers=[7])
+
+
+def test_duplicate_adapter_name_refused(tiny):
+    model, _ = tiny("llama")
+    pm = peftlab.apply(model, "lora[r=2]")
+    with pytest.raises(ValueError, match="exists already"):
+        pm.add_adapter("default", "lora[r=4]")
+    assert pm.adapters == ["default"]
+
+
+def _saved(tmp_path, tiny, spec="lora[r=4]"):
+    model, batch = tiny("llama")
+    pm = peftlab.apply(model, spec)
+    randomize_adapter(pm)
+    pm.save(tmp_path / "a")
+    return tmp_path / "a"
+
+
+def _untouched(model, before):
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_missing_directory(tmp_path, tiny):
+    model, _ = tiny("llama")
+    with pytest.raises(peftlab.AdapterFileError, match="does not exist"):
+        peftlab.load(model, tmp_path / "nope")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "no_weights", "bad_json"])
+def test_corrupt_files_refused_model_untouched(tmp_path, tiny, damage):
+    path = _saved(tmp_path, tiny)
+    weights, config = path / "adapter_model.safetensors", path / "adapter_config.json"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "garbage":
+        weights.write_bytes(b"\x00" * 100)
+    elif damage == "no_weights":
+        weights.unlink()
+    else:
+        config.write_text("{not json")
+    model, _ = tiny("llama", seed=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(peftlab.AdapterFileError) as e:
+        peftlab.load(model, path)
+    assert str(path) in str(e.value)
+    _untouched(model, before)
+
+
+def test_adapter_for_another_base_refused(tmp_path, tiny):
+    path = _saved(tmp_path, tiny)
+    other, _ = tiny("bert")
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises((peftlab.AdapterFileError, peftlab.TargetError)):
+        peftlab.load(other, path)
+    _untouched(other, before)
+
+
+def test_shape_mismatch_names_the_key(tmp_path, tiny):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = _saved(tmp_path, tiny)
+    wider = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    before = {k: v.clone() for k, v in wider.state_dict().items()}
+    with pytest.raises(peftlab.AdapterFileError, match=r"lora_A\.weight has shape .* another base"):
+        peftlab.load(wider, path)
+    _untouched(wider, before)
+
+
+def test_load_into_existing_peft_model_keeps_it_intact_on_error(tmp_path, tiny):
+    path = _saved(tmp_path, tiny)
+    broken = tmp_path / "broken"
+    shutil.copytree(path, broken)
+    (broken / "adapter_model.safetensors").write_bytes(b"junk")
+    model, batch = tiny("llama")
+    pm = peftlab.apply(model, "lora[r=2]", adapter_name="mine")
+    randomize_adapter(pm, "mine")
+    expected = first_output(pm(**batch))
+    with pytest.raises(peftlab.AdapterFileError):
+        peftlab.load(pm, broken, adapter_name="other")
+    assert pm.adapters == ["mine"]
+    torch.testing.assert_close(first_output(pm(**batch)), expected)
+    with pytest.raises(ValueError, match="exists already"):
+        peftlab.load(pm, path, adapter_name="mine")
+    loaded = peftlab.load(pm, path, adapter_name="other")
+    assert loaded is pm and pm.adapters == ["mine", "other"] and pm.active_adapters == ["mine"]
+
+
+def test_save_is_atomic_and_overwrites(tmp_path, tiny):
+    path = _saved(tmp_path, tiny)
+    assert sorted(p.name for p in path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_list_methods_and_api_names():
+    methods = peftlab.list_methods()
+    assert {"lora", "dora", "lora_fa"} <= set(methods) and methods == sorted(methods)
+    for name in ["apply", "load", "LoraConfig", "list_methods", "param_groups", "zoo"]:
+        assert hasattr(peftlab, name)
