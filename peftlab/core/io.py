@@ -83,10 +83,17 @@ def save_adapter(path: str | os.PathLike, cfg: AdapterConfig | UnionConfig, tens
         os.close(fd)
         try:
             writer(tmp)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; adapters are meant to be shared
             os.replace(tmp, path / name)
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[AdapterConfig | UnionConfig, dict[str, torch.Tensor]]:
