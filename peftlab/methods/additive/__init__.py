@@ -1,1 +1,3 @@
 """Methods of this family register themselves on import."""
+from peftlab.methods.additive import prefix  # noqa: F401
+from peftlab.methods.additive import houlsby, ia3  # noqa: F401

@@ -13,7 +13,9 @@ PiSSA / OLoRA: A, B start from the top-r SVD (resp. QR) factors of W0. Hugging F
 
 Layers: ``nn.Linear``, GPT-2's ``Conv1D``, ``nn.Embedding`` and ``nn.Conv2d`` (DoRA: the linear ones).
 Files use PEFT's key names (``lora_A.weight``, ``lora_B.weight``, ``lora_magnitude_vector``,
-``lora_embedding_A``, ``lora_embedding_B``) and config fields.
+``lora_embedding_A``, ``lora_embedding_B``) and config fields. Targeting that PEFT's fields cannot
+say (a regex restricted to ``layers``) is folded into one regex; modules named in
+``modules_to_save`` are never targeted, as in PEFT.
 """
 
 from __future__ import annotations
@@ -21,22 +23,26 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from peftlab.core.config import AdapterConfig, ConfigError
-from peftlab.core.delta import Delta
+from peftlab.core.delta import Delta, HeadCopy
 from peftlab.core.io import register_peft_format
 from peftlab.core.layers import is_adaptable_layer, layer_info, to_module_layout, weight_out_in
 from peftlab.core.registry import register_method
-from peftlab.core.targeting import is_linear, select_modules
+from peftlab.core.targeting import TargetError, entry_matches, is_linear, select_modules
 
 #: Query and value projections of the common architectures (Llama, BERT, GPT-2, T5, ViT).
 DEFAULT_TARGETS = ["q_proj", "v_proj", "query", "value", "c_attn", "q", "v"]
 INITS = ("kaiming", "gaussian", "pissa", "olora")
+#: PEFT's ``task_type`` SEQ_CLS / TOKEN_CLS add both names to ``modules_to_save``, whichever the model
+#: has; read back, they become this one entry, which matches either (and is written back as both).
+PEFT_CLS_HEADS = ["classifier", "score"]
+CLS_HEAD_ENTRY = r"re:(?:.*\.)?(?:classifier|score)"
 
 
 @dataclass(kw_only=True)
@@ -61,23 +67,45 @@ class LoraConfig(AdapterConfig):
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
-    def to_peft(self) -> dict[str, Any]:
-        """Hugging Face PEFT's ``LoraConfig`` fields for this config."""
+    def to_peft(self, placed: Mapping[str, nn.Module] | None = None) -> dict[str, Any]:
+        """Hugging Face PEFT's ``LoraConfig`` fields for this config.
+
+        ``placed`` (module name -> delta of a placed adapter, when the caller has one) adds what only
+        the model knows: ``fan_in_fan_out`` for GPT-2's ``Conv1D``, and the adapted modules' names
+        where the targeting needs the model (``"all-linear"``, written as PEFT writes it: the resolved
+        names; ``module_types``; the default targets, written as the entries that matched).
+        Without it, ``"all-linear"`` with ``layers`` is written as is, which PEFT refuses loudly.
+        """
+        targets = self.targets if self.targets is not None else DEFAULT_TARGETS
+        exclude, layers = self.exclude or None, self.layers
+        lora = [n for n, d in (placed or {}).items() if isinstance(d, (LoraLinear, LoraEmbedding, LoraConv2d))]
+        if placed is not None and ("all-linear" in targets or self.module_types is not None):
+            target_modules: list[str] | str | None = sorted(lora)  # exact: selection already applied
+            exclude = layers = None
+        elif placed is not None and self.targets is None:
+            target_modules = [e for e in DEFAULT_TARGETS if any(entry_matches(e, n) for n in lora)]
+        else:
+            target_modules = _targets_to_peft(targets, layers)
+        if isinstance(target_modules, str) and target_modules != "all-linear":
+            layers = None  # folded into the regex: PEFT refuses layers_to_transform with a regex
+        fan_in_fan_out = any(
+            isinstance(d, LoraLinear) and layer_info(d.base_layer).kind == "conv1d" for d in (placed or {}).values()
+        )
         return {
             "peft_type": "LORA",
             "r": self.r,
             "lora_alpha": self.alpha,
             "lora_dropout": self.dropout,
-            "target_modules": _targets_to_peft(self.targets if self.targets is not None else DEFAULT_TARGETS),
-            "exclude_modules": _targets_to_peft(self.exclude) if self.exclude else None,
-            "layers_to_transform": self.layers,
+            "target_modules": target_modules,
+            "exclude_modules": _targets_to_peft(exclude) if exclude else None,
+            "layers_to_transform": layers,
             "layers_pattern": None,
             "use_rslora": self.rslora,
             "use_dora": self.method == "dora",
             "init_lora_weights": {"kaiming": True}.get(self.init, self.init),
-            "modules_to_save": self.modules_to_save,
+            "modules_to_save": _modules_to_save_to_peft(self.modules_to_save, placed),
             "bias": "none",
-            "fan_in_fan_out": False,
+            "fan_in_fan_out": fan_in_fan_out,
             "rank_pattern": {},
             "alpha_pattern": {},
             "task_type": None,
@@ -105,8 +133,9 @@ class LoraFaConfig(LoraConfig):
         self._check(self.init in ("kaiming", "gaussian"), "init", "kaiming or gaussian (A is frozen)")
 
 
-def _targets_to_peft(entries: list[str] | None) -> list[str] | str | None:
-    """Our entries as PEFT's ``target_modules``: a list of suffixes, or one regex if any is ``re:``."""
+def _targets_to_peft(entries: list[str] | None, layers: list[int] | None = None) -> list[str] | str | None:
+    """Our entries as PEFT's ``target_modules``: a list of suffixes (``layers`` then go to PEFT's
+    ``layers_to_transform``), or one regex if any is ``re:``, with ``layers`` folded in."""
     if entries is None:
         return None
     if entries == ["all-linear"]:
@@ -116,23 +145,75 @@ def _targets_to_peft(entries: list[str] | None) -> list[str] | str | None:
     if "all-linear" in entries:
         raise ConfigError("targets: 'all-linear' cannot be combined with other entries in a PEFT file")
     alts = [e[3:] if e.startswith("re:") else rf"(?:.*\.)?{re.escape(e)}" for e in entries]
-    return "(?:" + "|".join(alts) + ")"
+    return (_layers_lookahead(layers) if layers else "") + "(?:" + "|".join(alts) + ")"
+
+
+def _layers_lookahead(layers: list[int]) -> str:
+    """A regex lookahead that holds when a name's first all-digit part is in ``layers`` (peftlab's rule)."""
+    alts = "|".join(str(i) for i in sorted(set(layers)))
+    return rf"(?=(?:[^.]*[^.0-9][^.]*\.|\.)*0*(?:{alts})(?:\.|$))"
+
+
+def _modules_to_save_to_peft(entries: list[str] | None, placed: Mapping[str, nn.Module] | None) -> list[str] | None:
+    """PEFT's ``modules_to_save`` (plain names matched as suffixes: no regex)."""
+    if entries is None:
+        return None
+    out: list[str] = []
+    for e in entries:
+        if e == CLS_HEAD_ENTRY:
+            out += PEFT_CLS_HEADS
+        elif e.startswith("re:") and placed is not None:
+            out += [n for n, d in placed.items() if isinstance(d, HeadCopy) and entry_matches(e, n)]
+        else:
+            out.append(e)
+    return list(dict.fromkeys(out))
 
 
 def _targets_from_peft(value: Any) -> list[str] | None:
     if value is None:
         return None
     if isinstance(value, str):
-        return ["all-linear"] if value == "all-linear" else ["re:" + value]
+        return ["all-linear"] if value.lower() == "all-linear" else ["re:" + value]
     return list(value)
 
 
+#: PEFT fields that change what the adapter computes and that peftlab does not implement.
+_PEFT_UNSUPPORTED = (
+    "rank_pattern", "alpha_pattern", "lora_bias", "layer_replication", "target_parameters", "trainable_token_indices",
+    "alora_invocation_tokens", "use_qalora", "use_bdlora", "arrow_config", "kasa_config", "velora_config",
+    "monteclora_config",
+)
+#: PEFT inits that leave the base weights alone: a loaded adapter's outputs do not depend on them.
+_PEFT_PLAIN_INITS = {"eva": "kaiming", "orthogonal": "kaiming", "mica": "kaiming", "gaussian": "gaussian"}
+
+
+def _init_from_peft(init: Any) -> str:
+    if init in (True, False, None):
+        return "kaiming"
+    if isinstance(init, str) and init.lower() in ("pissa", "olora"):
+        return init.lower()
+    if isinstance(init, str) and init.lower() in _PEFT_PLAIN_INITS:
+        return _PEFT_PLAIN_INITS[init.lower()]
+    raise ConfigError(
+        f"PEFT init_lora_weights={init!r} is not supported: PEFT rewrites the base weights with a residual that "
+        "peftlab cannot recompute from the base alone (supported: true, false, gaussian, pissa, olora, eva, orthogonal)"
+    )
+
+
+def _modules_to_save_from_peft(d: dict[str, Any]) -> list[str] | None:
+    names = list(dict.fromkeys(d.get("modules_to_save") or [])) or None
+    if names and d.get("task_type") in ("SEQ_CLS", "TOKEN_CLS") and all(h in names for h in PEFT_CLS_HEADS):
+        names = [n for n in names if n not in PEFT_CLS_HEADS] + [CLS_HEAD_ENTRY]
+    return names
+
+
 def _config_from_peft(d: dict[str, Any]) -> LoraConfig:
-    for unsupported in ("rank_pattern", "alpha_pattern"):
+    for unsupported in _PEFT_UNSUPPORTED:
         if d.get(unsupported):
             raise ConfigError(f"PEFT field {unsupported} is not supported yet (got {d[unsupported]})")
-    init = d.get("init_lora_weights", True)
-    init = "kaiming" if init in (True, False, None) else str(init)
+    if d.get("bias", "none") not in ("none", None):
+        raise ConfigError(f"PEFT field bias={d['bias']!r} is not supported yet (only 'none')")
+    init = _init_from_peft(d.get("init_lora_weights", True))
     cls = DoraConfig if d.get("use_dora") else LoraConfig
     return cls(
         r=int(d["r"]),
@@ -143,7 +224,7 @@ def _config_from_peft(d: dict[str, Any]) -> LoraConfig:
         targets=_targets_from_peft(d.get("target_modules")),
         exclude=_targets_from_peft(d.get("exclude_modules")),
         layers=d.get("layers_to_transform"),
-        modules_to_save=d.get("modules_to_save"),
+        modules_to_save=_modules_to_save_from_peft(d),
     )
 
 
@@ -292,7 +373,7 @@ def _stacked(deltas: Sequence[Delta | None], dtype: torch.dtype, grad: bool):
 
     Without autograd the stacks are cached until any adapter parameter changes (``_version``)."""
     present = [d for d in deltas if d is not None]
-    key = tuple((id(d), d.lora_A.weight._version, d.lora_B.weight._version) if d is not None else None for d in deltas)
+    key = tuple(_version_key(d) if d is not None else None for d in deltas)
     holder = present[0]
     if not grad and getattr(holder, "_stack_key", None) == key:
         return holder._stack_val
@@ -321,6 +402,15 @@ def _stacked(deltas: Sequence[Delta | None], dtype: torch.dtype, grad: bool):
     if not grad:
         holder._stack_key, holder._stack_val = key, val
     return val
+
+
+def _version_key(d: Delta) -> tuple:
+    """Changes whenever anything the stacks are computed from changes: A, B, and for DoRA the
+    magnitude and the base weight (its norm), each by identity and in-place version."""
+    tensors = [d.lora_A.weight, d.lora_B.weight]  # type: ignore[union-attr]
+    if isinstance(d, DoraLinear):
+        tensors += [d.lora_magnitude_vector, d.base_layer.weight]
+    return (id(d), d.scaling, *((t.data_ptr(), t._version) for t in tensors))
 
 
 class DoraLinear(LoraLinear):
@@ -440,6 +530,10 @@ def _build(model: nn.Module, cfg: LoraConfig) -> dict[str, Delta]:
     else:
         accept, what = is_adaptable_layer, "Linear, Conv1D, Embedding or Conv2d layer"
     modules = select_modules(model, cfg, default=DEFAULT_TARGETS, accept=accept, what=what)
+    if cfg.modules_to_save:  # as PEFT: a module that gets a trainable copy is never also a LoRA target
+        modules = {n: m for n, m in modules.items() if not _inside_any(n, cfg.modules_to_save)}
+        if not modules:
+            raise TargetError(f"{cfg.method}: every target is inside modules_to_save={cfg.modules_to_save}")
     placed: dict[str, Delta] = {}
     for name, module in modules.items():
         kind = layer_info(module).kind
@@ -452,6 +546,13 @@ def _build(model: nn.Module, cfg: LoraConfig) -> dict[str, Delta]:
         else:
             placed[name] = LoraLinear(module, cfg)
     return placed
+
+
+def _inside_any(name: str, entries: list[str]) -> bool:
+    """Whether module ``name`` is, or lies inside, a module matched by one of ``entries``."""
+    parts = name.split(".")
+    prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
+    return any(entry_matches(e, p) for e in entries for p in prefixes)
 
 
 register_method("lora", LoraConfig, "reparam")(_build)

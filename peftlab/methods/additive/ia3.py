@@ -1,0 +1,231 @@
+"""(IA)³: Infused Adapter by Inhibiting and Amplifying Inner Activations (Liu et al. 2022, "Few-Shot
+Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context Learning"; seed 000 eq. 10-11,
+seed 001 §8.2, seed 002 eq. 9-10).
+
+Learned vectors rescale keys, values and the FFN's inner activation:
+
+    softmax(Q (l_k ⊙ K)ᵀ / √d) (l_v ⊙ V),        (l_ff ⊙ σ(W_1 x)) W_2
+
+realised on the projections themselves, all vectors starting at 1 (identity at init):
+
+    output site (k/v projections):   y ← l ⊙ y                 = (diag(l) W) x + l ⊙ b
+    input site (FFN's W_2):          x ← l ⊙ x,  y = W (l ⊙ x) + b = (W diag(l)) x + b
+
+Both fold into the base weights: the output site into the rows of W and into the bias, the input site
+into the columns of W (not the bias). ΔW = W' − W0 depends on W0, so the container keeps it at merge
+(``merge_uses_base``). On GPT-2's fused ``c_attn`` the vector also scales the queries, as in PEFT.
+
+Files are Hugging Face PEFT's IA3 format: ``base_model.model.<module>.ia3_l`` of shape (out, 1) for
+output-site modules and (1, in) for feed-forward ones; config fields ``peft_type="IA3"``,
+``target_modules``, ``feedforward_modules``, ``init_ia3_weights``, ``fan_in_fan_out``...
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftlab.core.config import AdapterConfig, ConfigError
+from peftlab.core.delta import Delta
+from peftlab.core.io import register_peft_format
+from peftlab.core.layers import layer_info, to_module_layout, weight_out_in
+from peftlab.core.registry import register_method
+from peftlab.core.targeting import TargetError, entry_matches, is_linear, select_modules
+
+#: BERT/ViT's FFN output ``encoder.layer.N.output.dense``, not ``attention.output.dense``.
+_BERT_FFN_OUT = r"re:(?:.*\.)?\d+\.output\.dense"
+#: Feed-forward second projections (input site) of Llama, BERT, T5, GPT-2 and ViT/CLIP (``mlp.fc2``).
+DEFAULT_FEEDFORWARD = ["down_proj", _BERT_FFN_OUT, "DenseReluDense.wo", "mlp.c_proj", "mlp.fc2"]
+#: Keys and values (GPT-2: the fused q/k/v projection) plus the feed-forward projections.
+DEFAULT_TARGETS = ["k_proj", "v_proj", "key", "value", "SelfAttention.k", "SelfAttention.v", "EncDecAttention.k",
+                   "EncDecAttention.v", "c_attn", *DEFAULT_FEEDFORWARD]
+#: PEFT's ``task_type`` SEQ_CLS / TOKEN_CLS write both names; read back, one entry matching either.
+PEFT_CLS_HEADS = ["classifier", "score"]
+CLS_HEAD_ENTRY = r"re:(?:.*\.)?(?:classifier|score)"
+
+
+@dataclass(kw_only=True)
+class IA3Config(AdapterConfig):
+    """``targets``: modules to rescale; ``feedforward``: which of them are scaled at their input
+    (default: the feed-forward second projections of the common architectures)."""
+
+    method = "ia3"
+    feedforward: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.feedforward, str):
+            self.feedforward = [self.feedforward]
+        elif self.feedforward is not None:
+            self.feedforward = [str(f) for f in self.feedforward]
+        super().__post_init__()
+
+    def to_peft(self) -> dict[str, Any]:
+        """Hugging Face PEFT's ``IA3Config`` fields. A selection PEFT cannot express (``module_types``)
+        is written as a peftlab-only file (PEFT then refuses it instead of loading something else)."""
+        targets = self.targets if self.targets is not None else DEFAULT_TARGETS
+        feedforward = self.feedforward if self.feedforward is not None else DEFAULT_FEEDFORWARD
+        try:
+            if self.module_types is not None:
+                raise ConfigError("module_types")
+            target_modules = _entries_to_peft(targets, self.layers)
+            ff = _entries_to_peft(feedforward)
+        except ConfigError:
+            return {"peft_type": "PEFTLAB"}
+        if isinstance(target_modules, list) and isinstance(ff, list) and not set(ff) <= set(target_modules):
+            ff = _entries_to_peft(["re:" + _alt(e) for e in feedforward])  # PEFT wants a subset, or a regex
+        return {
+            "peft_type": "IA3",
+            "target_modules": target_modules,
+            "exclude_modules": _entries_to_peft(self.exclude) if self.exclude else None,
+            "feedforward_modules": ff,
+            "fan_in_fan_out": False,  # PEFT sets it per layer itself (True on GPT-2's Conv1D)
+            "init_ia3_weights": True,
+            "modules_to_save": _modules_to_save_to_peft(self.modules_to_save),
+            "task_type": None,
+            "inference_mode": True,
+            "base_model_name_or_path": None,
+            "revision": None,
+        }
+
+
+def _alt(entry: str) -> str:
+    """A regex with the same meaning as one targeting entry."""
+    return entry[3:] if entry.startswith("re:") else rf"(?:.*\.)?{re.escape(entry)}"
+
+
+def _entries_to_peft(entries: list[str] | None, layers: list[int] | None = None) -> list[str] | str | None:
+    """Our entries as PEFT's ``target_modules``: the list of suffixes, or one regex when an entry is a
+    regex or ``layers`` restricts them (PEFT's IA3 has no ``layers_to_transform``)."""
+    if entries is None:
+        return None
+    if entries == ["all-linear"] and not layers:
+        return "all-linear"
+    if "all-linear" in entries:
+        raise ConfigError("targets: 'all-linear' cannot be combined with other entries or layers in a PEFT file")
+    if not layers and not any(e.startswith("re:") for e in entries):
+        return list(entries)
+    look = ""
+    if layers:
+        alts = "|".join(str(i) for i in sorted(set(layers)))
+        look = rf"(?=(?:[^.]*[^.0-9][^.]*\.|\.)*0*(?:{alts})(?:\.|$))"  # first all-digit part in layers
+    return look + "(?:" + "|".join(_alt(e) for e in entries) + ")"
+
+
+def _from_peft_entries(value: Any, feedforward: bool = False) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return ["all-linear"] if value == "all-linear" else ["re:" + value]
+    if feedforward:  # PEFT tests ``name.endswith(entry)`` (no dot) for feed-forward lists: one regex
+        return ["re:.*(?:" + "|".join(re.escape(e) for e in sorted(value)) + ")"] if value else []
+    return sorted(value)
+
+
+def _modules_to_save_to_peft(entries: list[str] | None) -> list[str] | None:
+    if entries is None:
+        return None
+    out: list[str] = []
+    for e in entries:
+        out += PEFT_CLS_HEADS if e == CLS_HEAD_ENTRY else [e]
+    return list(dict.fromkeys(out))
+
+
+def _config_from_peft(d: dict[str, Any]) -> IA3Config:
+    names = list(dict.fromkeys(d.get("modules_to_save") or [])) or None
+    if names and d.get("task_type") in ("SEQ_CLS", "TOKEN_CLS") and all(h in names for h in PEFT_CLS_HEADS):
+        names = [n for n in names if n not in PEFT_CLS_HEADS] + [CLS_HEAD_ENTRY]
+    ff = d.get("feedforward_modules")
+    return IA3Config(
+        targets=_from_peft_entries(d.get("target_modules")),
+        exclude=_from_peft_entries(d.get("exclude_modules")),
+        feedforward=_from_peft_entries(ff, feedforward=True) if ff is not None else [],
+        modules_to_save=names,
+    )
+
+
+register_peft_format("IA3", _config_from_peft)
+
+
+# -- math -----------------------------------------------------------------------------------------
+def ia3_weight_delta(w_out_in: torch.Tensor, bias: torch.Tensor | None, l: torch.Tensor, feedforward: bool):
+    """(ΔW, Δb) in (out, in) layout: output site diag(l) W − W and (l − 1) ⊙ b; input site W diag(l) − W."""
+    dl = l.reshape(-1) - 1
+    if feedforward:
+        return w_out_in * dl.view(1, -1), None
+    return w_out_in * dl.view(-1, 1), (bias * dl if bias is not None else None)
+
+
+class IA3Delta(Delta):
+    """(IA)³ vector on one Linear/Conv1D: y ← l ⊙ y (output site) or x ← l ⊙ x (input site, feed-forward)."""
+
+    merge_uses_base = True
+
+    def __init__(self, base: nn.Module, feedforward: bool):
+        super().__init__()
+        info = layer_info(base)
+        self.feedforward = feedforward
+        self.site = "input" if feedforward else "output"  # type: ignore[misc]
+        # Kept 1-d (so ``param_groups`` gives it no weight decay); files use PEFT's 2-d shapes.
+        self.file_shape = (1, info.in_features) if feedforward else (info.out_features, 1)
+        self.ia3_l = nn.Parameter(torch.ones(info.in_features if feedforward else info.out_features))
+        has_bias = getattr(base, "bias", None) is not None
+        self.merges_into = ("weight",) if feedforward or not has_bias else ("weight", "bias")  # type: ignore[misc]
+        self.n_in, self.n_out = info.in_features, info.out_features
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        t = x if self.feedforward else y
+        assert t is not None
+        return (t.to(self.ia3_l.dtype) * self.ia3_l).to(t.dtype)
+
+    def file_state(self) -> dict[str, torch.Tensor]:
+        return {"ia3_l": self.ia3_l.detach().reshape(self.file_shape)}
+
+    def _load_checked(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            self.ia3_l.copy_(state["ia3_l"].reshape(-1))
+
+    def delta_params(self, base: nn.Module) -> dict[str, torch.Tensor]:
+        l = self.ia3_l.detach()
+        w = weight_out_in(base).to(l.dtype)
+        bias = base.bias.to(l.dtype) if "bias" in self.merges_into else None
+        dw, db = ia3_weight_delta(w, bias, l, self.feedforward)
+        out = {"weight": to_module_layout(base, dw)}
+        if db is not None:
+            out["bias"] = db
+        return out
+
+    def rank(self) -> int:
+        """Upper bound: ΔW = diag(l − 1) W (or W diag(l − 1)) has the rank of W at most."""
+        return min(self.n_in, self.n_out)
+
+    def extra_repr(self) -> str:
+        return f"site={self.site}, size={self.ia3_l.numel()}"
+
+
+def _build(model: nn.Module, cfg: IA3Config) -> dict[str, Delta]:
+    modules = select_modules(model, cfg, default=DEFAULT_TARGETS, accept=is_linear, what="Linear or Conv1D layer")
+    if cfg.modules_to_save:
+        modules = {n: m for n, m in modules.items() if not _inside_any(n, cfg.modules_to_save)}
+        if not modules:
+            raise TargetError(f"ia3: every target is inside modules_to_save={cfg.modules_to_save}")
+    feedforward = cfg.feedforward if cfg.feedforward is not None else DEFAULT_FEEDFORWARD
+    if cfg.feedforward:
+        for e in cfg.feedforward:
+            if not any(entry_matches(e, n) for n in modules):
+                raise TargetError(
+                    f"ia3: feedforward entry {e!r} matches none of the targeted modules "
+                    f"(feed-forward modules must be among the targets; targeted: {', '.join(list(modules)[:6])}...)"
+                )
+    return {n: IA3Delta(m, any(entry_matches(e, n) for e in feedforward)) for n, m in modules.items()}
+
+
+def _inside_any(name: str, entries: list[str]) -> bool:
+    parts = name.split(".")
+    return any(entry_matches(e, ".".join(parts[: i + 1])) for e in entries for i in range(len(parts)))
+
+
+register_method("ia3", IA3Config, "additive")(_build)

@@ -1,0 +1,630 @@
+"""Prefix tuning (Li & Liang 2021; seed 000 eq. 8-9, 001 §7.2, 002 §3.1.2) and P-tuning v2.
+
+Every self-attention layer l gets ``length`` = p trainable key and value rows, prepended to its own:
+
+    head_l(x) = softmax( Q [P_k^l; K]ᵀ / √d + M ) [P_v^l; V],      P_k^l, P_v^l ∈ R^{p × kv_dim}
+
+with M the model's mask, extended by p always-visible columns: the prefix is seen by every query,
+padding stays masked. P = [P_k^1, P_v^1, ..., P_k^L, P_v^L] is one (p, L·2·kv_dim) tensor, trained
+directly (P-tuning v2) or, with ``projection``, reparameterized as P = MLP(P') = W₂ tanh(W₁ P' + b₁) + b₂
+(the paper's stabilizer); after training the MLP can be dropped by computing P once
+(:meth:`PrefixDelta.drop_projection`), and a saved file always holds the computed P.
+
+How it reaches the model (DESIGN.md principle 1, the base is never restructured): the delta's
+``prepare`` rewrites the call's keyword arguments. It pre-fills a ``DynamicCache`` (decoder-only,
+encoder-only) or the self-attention half of an ``EncoderDecoderCache`` (encoder-decoder) with P,
+expanded over the batch, prepends p ones to the attention mask, and gives explicit ``position_ids``.
+
+Positions: the prefix occupies positions 0..p−1 and the j-th *real* token of a row (padding not
+counted) sits at p + j, computed from the attention mask, i.e. the input is literally [PREFIX; x]
+(the paper's z = [PREFIX; x; y]; Hugging Face PEFT's forward does the same for unpadded rows, so
+PEFT-trained prefixes give PEFT's outputs). Padded rows give the same output as the row run alone.
+``offset_positions=False`` puts the first real token at 0 instead (not PEFT's function, so such an
+adapter is saved as a peftlab-only file). T5's relative bias always sees the prefix before the tokens.
+
+Generation: ``generate`` receives the pre-filled cache and the extended mask; since the mask is
+longer than ``input_ids``, transformers does not slice the prompt by the cache length, and the
+given ``position_ids`` are extended by one per step. The cache holds batch · max(num_beams,
+num_return_sequences) rows, as generate expands its inputs (not a user cache).
+
+Several prefix adapters active together are concatenated ([P_a; P_b]); a cache returned by a
+prefixed call can be passed back (manual incremental decoding): the prefix is not added twice.
+
+No identity at init: any prefix takes softmax mass from the real keys (even P = 0 adds e^0 terms
+with zero values), so ``identity_at_init`` is False; ``disable_adapters()`` gives the base exactly.
+Not mergeable: P is not a function of the weights.
+
+Files (Hugging Face PEFT's ``PREFIX_TUNING``): one tensor ``prompt_embeddings`` of shape
+(p, num_layers · 2 · token_dim), token_dim = num_key_value_heads · head_dim with grouped-query
+attention (else the hidden size); row layout (p, 2L, heads, head_dim), index 2l the keys and 2l+1
+the values of layer l. Encoder-decoders (num_transformer_submodules = 2): PEFT duplicates the 2L
+slots, regroups them 4 per decoder layer (self k, self v, cross k, cross v) and discards the cross
+part, so decoder layer i reads slot (2i mod L); we mirror that so files give identical outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from peftlab.core.config import AdapterConfig, ConfigError
+from peftlab.core.delta import ModelDelta
+from peftlab.core.io import register_peft_format
+from peftlab.core.registry import register_method
+
+INITS = ("random", "zero", "tokens")
+#: PEFT's task_type SEQ_CLS / TOKEN_CLS writes both head names to ``modules_to_save``; read back they
+#: become one entry matching either (the same entry LoRA uses), written back as both.
+PEFT_CLS_HEADS = ["classifier", "score"]
+CLS_HEAD_ENTRY = r"re:(?:.*\.)?(?:classifier|score)"
+#: models whose layer loop itself passes no cache to checkpointed layers (so no prefix either)
+_DROPS_CACHE_WHEN_CHECKPOINTING = ("gpt2", "decision_transformer")
+_TAG = "_peftlab_prefix"  # attribute of a cache that a prefix delta created: what it already holds
+
+
+@dataclass(kw_only=True)
+class PrefixConfig(AdapterConfig):
+    """Prefix tuning: ``length`` virtual key/value rows per self-attention layer.
+
+    projection: reparameterize P = MLP(P') while training (P' ∈ R^{p×token_dim}, MLP hidden ``hidden``).
+    init: ``random`` (N(0, 1), PEFT's default), ``zero``, or ``tokens`` (the keys and values the base
+        model computes for ``length`` random vocabulary tokens: the paper's "real words" init).
+    encoder: encoder-decoders only, also prefix the encoder's self-attention (peftlab-only files).
+    offset_positions: real tokens start at position ``length`` (True, PEFT's and the paper's) or 0.
+    num_layers, token_dim, num_attention_heads, num_transformer_submodules, task_type: PEFT's geometry
+        fields. ``None`` means "infer from the model"; the builder fills them in place, as PEFT does,
+        so the config can be written in PEFT's format. A value that does not fit the model is refused.
+    Targeting fields do not apply: the prefix goes to every self-attention layer (``targets``,
+    ``exclude``, ``layers`` and ``module_types`` must be None; ``modules_to_save`` works).
+    """
+
+    method = "prefix"
+    identity_at_init = False
+    length: int = 20
+    projection: bool = False
+    hidden: int = 512
+    init: str = "random"
+    encoder: bool = False
+    offset_positions: bool = True
+    num_layers: int | None = None
+    token_dim: int | None = None
+    num_attention_heads: int | None = None
+    num_transformer_submodules: int | None = None
+    task_type: str | None = None
+
+    def validate(self) -> None:
+        for name in ("targets", "exclude", "layers", "module_types"):
+            self._check(getattr(self, name) is None, name, "None: prefix tuning adds key/value rows to every "
+                        "self-attention layer through the model's cache, not to chosen modules")
+        for name in ("length", "hidden"):
+            v = getattr(self, name)
+            self._check(isinstance(v, int) and not isinstance(v, bool) and v > 0, name, "a positive int")
+        for name in ("projection", "encoder", "offset_positions"):
+            self._check(isinstance(getattr(self, name), bool), name, "true or false")
+        self._check(self.init in INITS, "init", f"one of {', '.join(INITS)}")
+        self._check(not (self.init == "tokens" and self.projection), "init", "random or zero with projection")
+        for name in ("num_layers", "token_dim", "num_attention_heads"):
+            v = getattr(self, name)
+            self._check(v is None or (isinstance(v, int) and v > 0), name, "None or a positive int")
+        self._check(self.num_transformer_submodules in (None, 1, 2), "num_transformer_submodules", "None, 1 or 2")
+
+    def to_peft(self, placed: Any = None) -> dict[str, Any]:
+        """Hugging Face PEFT's ``PrefixTuningConfig`` fields (a config that PEFT cannot express, with
+        ``encoder`` or without ``offset_positions``, is written as a peftlab-only file)."""
+        if None in (self.num_layers, self.token_dim, self.num_attention_heads, self.num_transformer_submodules):
+            raise ConfigError("prefix: the geometry (num_layers, token_dim...) is known once the config is applied")
+        if self.encoder or not self.offset_positions:
+            return {"peft_type": "PEFTLAB"}
+        return {
+            "peft_type": "PREFIX_TUNING",
+            "task_type": self.task_type,
+            "num_virtual_tokens": self.length,
+            "num_layers": self.num_layers,
+            "token_dim": self.token_dim,
+            "num_attention_heads": self.num_attention_heads,
+            "num_transformer_submodules": self.num_transformer_submodules,
+            "encoder_hidden_size": self.hidden,
+            "prefix_projection": self.projection,
+            "init_weights": "zero" if self.init == "zero" else None,
+            "modules_to_save": _heads_to_peft(self.modules_to_save),
+            "inference_mode": True,
+            "base_model_name_or_path": None,
+            "revision": None,
+        }
+
+
+def _from_peft(d: dict[str, Any]) -> PrefixConfig:
+    """A ``PREFIX_TUNING`` config written by Hugging Face PEFT, as ours."""
+    return PrefixConfig(
+        length=int(d["num_virtual_tokens"]),
+        projection=bool(d.get("prefix_projection", False)),
+        hidden=int(d.get("encoder_hidden_size") or 512),
+        init="zero" if d.get("init_weights") == "zero" else "random",
+        num_layers=d.get("num_layers"),
+        token_dim=d.get("token_dim"),
+        num_attention_heads=d.get("num_attention_heads"),
+        num_transformer_submodules=d.get("num_transformer_submodules"),
+        task_type=d.get("task_type"),
+        modules_to_save=_heads_from_peft(d),
+    )
+
+
+def _heads_to_peft(entries: list[str] | None) -> list[str] | None:
+    if entries is None:
+        return None
+    return list(dict.fromkeys(h for e in entries for h in (PEFT_CLS_HEADS if e == CLS_HEAD_ENTRY else [e])))
+
+
+def _heads_from_peft(d: dict[str, Any]) -> list[str] | None:
+    names = list(dict.fromkeys(d.get("modules_to_save") or [])) or None
+    if names and d.get("task_type") in ("SEQ_CLS", "TOKEN_CLS") and all(h in names for h in PEFT_CLS_HEADS):
+        names = [n for n in names if n not in PEFT_CLS_HEADS] + [CLS_HEAD_ENTRY]
+    return names
+
+
+register_peft_format("PREFIX_TUNING", _from_peft)
+
+
+# -- the math -----------------------------------------------------------------------------------
+def split_prefix(flat: torch.Tensor, num_layers: int, heads: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """PEFT's layout: (p, L·2·heads·d) → per layer l (P_k^l, P_v^l), each (heads, p, d).
+
+    flat[t] viewed as (2L, heads, d): slot 2l holds the keys and 2l+1 the values of layer l."""
+    p = flat.shape[0]
+    kv = flat.view(p, 2 * num_layers, heads, -1).permute(1, 2, 0, 3)  # (2L, heads, p, d)
+    return [(kv[2 * l], kv[2 * l + 1]) for l in range(num_layers)]
+
+
+def decoder_slot(layer: int, num_layers: int, submodules: int) -> int:
+    """The prefix slot layer ``layer`` reads: itself, or (2·layer mod L) for encoder-decoders (PEFT's
+    4-per-layer regrouping of the duplicated slots, whose cross-attention half is discarded)."""
+    return (2 * layer) % num_layers if submodules == 2 else layer
+
+
+def prefix_positions(real_mask: torch.Tensor, offset: int, new: int) -> torch.Tensor:
+    """Positions of the last ``new`` columns: offset + (number of real tokens before) (pads: offset)."""
+    pos = real_mask.long().cumsum(-1) - 1
+    return (pos.clamp(min=0) + offset).masked_fill(real_mask == 0, offset)[:, -new:]
+
+
+# -- model geometry -------------------------------------------------------------------------------
+def _geometry(model: nn.Module) -> dict[str, Any]:
+    """PEFT's prefix geometry of a transformers model (its ``_prepare_prompt_learning_config`` rules)."""
+    cfg = getattr(model, "config", None)
+    backbone = getattr(model, "base_model", model)
+    if cfg is None or "past_key_values" not in inspect.signature(backbone.forward).parameters:
+        raise NotImplementedError(f"prefix tuning needs a transformers model that takes past_key_values; "
+                                  f"{type(model).__name__} does not")
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    layers, heads = text.num_hidden_layers, text.num_attention_heads
+    hidden = getattr(text, "hidden_size", None) or getattr(text, "d_model")
+    kv_heads = getattr(text, "num_key_value_heads", None)
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    if kv_heads is not None:
+        token_dim, peft_heads = kv_heads * head_dim, kv_heads
+    else:
+        token_dim, peft_heads = hidden, heads
+        if getattr(text, "d_kv", None) is not None and text.d_kv * heads != hidden:
+            raise NotImplementedError("prefix tuning (PEFT's layout) needs num_heads · d_kv == d_model")
+    enc_dec = bool(getattr(cfg, "is_encoder_decoder", False))
+    if enc_dec and getattr(text, "num_decoder_layers", layers) != layers:
+        raise NotImplementedError("prefix tuning (PEFT's layout) needs as many decoder as encoder layers")
+    name = type(model).__name__
+    task = ("SEQ_2_SEQ_LM" if enc_dec else "CAUSAL_LM" if name.endswith(("ForCausalLM", "LMHeadModel"))
+            else "SEQ_CLS" if name.endswith("ForSequenceClassification")
+            else "TOKEN_CLS" if name.endswith("ForTokenClassification")
+            else "QUESTION_ANS" if name.endswith("ForQuestionAnswering") else "FEATURE_EXTRACTION")
+    return {"num_layers": layers, "token_dim": token_dim, "num_attention_heads": peft_heads,
+            "num_transformer_submodules": 2 if enc_dec else 1, "task_type": task}
+
+
+# -- the delta ------------------------------------------------------------------------------------
+class PrefixDelta(ModelDelta):
+    """Model site: holds P (or P' and the MLP) and puts P into the model's key/value cache."""
+
+    #: P is not a function of the weights: merge refuses (core/model.py reads this flag).
+    mergeable = False
+
+    def __init__(self, cfg: PrefixConfig, model: nn.Module | None = None):
+        super().__init__()
+        self.length, self.offset, self.token_dim = cfg.length, cfg.offset_positions, cfg.token_dim
+        self.layers, self.heads, self.submodules = cfg.num_layers, cfg.num_attention_heads, cfg.num_transformer_submodules
+        width = cfg.num_layers * 2 * cfg.token_dim
+        if cfg.projection:
+            self.embedding = nn.Embedding(cfg.length, cfg.token_dim)
+            self.transform = nn.Sequential(nn.Linear(cfg.token_dim, cfg.hidden), nn.Tanh(), nn.Linear(cfg.hidden, width))
+            if cfg.init == "zero":
+                nn.init.zeros_(self.transform[2].weight)
+                nn.init.zeros_(self.transform[2].bias)
+        else:
+            self.prompt_embeddings = nn.Parameter(torch.zeros(cfg.length, width))
+            if cfg.init == "random":
+                nn.init.normal_(self.prompt_embeddings)
+            elif cfg.init == "tokens":
+                with torch.no_grad():
+                    self.prompt_embeddings.copy_(_token_prefix(model, cfg))
+        if cfg.encoder:
+            self.encoder_prompt_embeddings = nn.Parameter(torch.zeros(cfg.length, width))
+            if cfg.init == "random":
+                nn.init.normal_(self.encoder_prompt_embeddings)
+
+    # -- parameters ---------------------------------------------------------------------------------
+    def prefix(self) -> torch.Tensor:
+        """P, shape (p, L·2·token_dim): the parameter itself, or MLP(P') with ``projection``."""
+        if hasattr(self, "transform"):
+            return self.transform(self.embedding.weight)
+        return self.prompt_embeddings
+
+    def layer_kv(self, flat: torch.Tensor, rows: int, dtype: torch.dtype, decoder: bool = True) -> list[tuple]:
+        """Per layer (P_k, P_v) as (rows, heads, p, d) cache tensors (encoder-decoders: PEFT's slots)."""
+        kv = split_prefix(flat.to(dtype), self.layers, self.heads)
+        slots = [decoder_slot(i, self.layers, self.submodules) if decoder else i for i in range(self.layers)]
+        return [tuple(t.unsqueeze(0).expand(rows, -1, -1, -1) for t in kv[s]) for s in slots]
+
+    def drop_projection(self) -> None:
+        """Compute P = MLP(P') once and keep only P (trainable as before); the MLP is discarded."""
+        if not hasattr(self, "transform"):
+            return
+        trainable = self.embedding.weight.requires_grad
+        with torch.no_grad():
+            value = self.prefix().detach().clone()
+        del self.embedding, self.transform
+        self.prompt_embeddings = nn.Parameter(value, requires_grad=trainable)
+
+    def changed_params(self, base: nn.Module) -> int:
+        """Adapter entries that reach the outputs: all of them, except (encoder-decoders, no MLP) the
+        slots PEFT's layout never gives to a decoder layer: L/2 of the L slots when L is even."""
+        total = sum(p.numel() for p in self.parameters())
+        if self.submodules == 2 and not hasattr(self, "transform"):
+            unused = self.layers - len({decoder_slot(i, self.layers, 2) for i in range(self.layers)})
+            total -= unused * self.prompt_embeddings.numel() // self.layers
+        return total
+
+    def file_state(self) -> dict[str, torch.Tensor]:
+        """PEFT's key: ``prompt_embeddings`` = the computed P (and ours for the encoder prefix)."""
+        out = {"prompt_embeddings": self.prefix()}
+        if hasattr(self, "encoder_prompt_embeddings"):
+            out["encoder_prompt_embeddings"] = self.encoder_prompt_embeddings
+        return out
+
+    def _load_checked(self, state: dict[str, torch.Tensor]) -> None:
+        self.drop_projection()  # a file holds P itself: the MLP cannot be recovered from it
+        with torch.no_grad():
+            for key, value in state.items():
+                getattr(self, key).copy_(value)
+
+    # -- the call -----------------------------------------------------------------------------------
+    def prepare(self, model: nn.Module, kwargs: dict[str, Any], generating: bool = False) -> dict[str, Any]:
+        """Add P to the call: cache pre-filled with P (expanded over the batch), mask [1…1; m],
+        position_ids offset + (rank of the real token); see the module docstring."""
+        kw = dict(kwargs)
+        enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
+        from transformers import DynamicCache, EncoderDecoderCache
+
+        cache = kw.get("past_key_values")
+        tag = getattr(cache, _TAG, None)
+        if cache is not None and tag is None and cache.get_seq_length() > 0:
+            raise ValueError("prefix tuning: past_key_values was not made by a prefixed call (it has no prefix)")
+        encode = enc_dec and hasattr(self, "encoder_prompt_embeddings") and kw.get("encoder_outputs") is None
+        if tag is not None and id(self) in tag["deltas"]:  # continuation of an earlier prefixed call
+            if tag["reader"]:
+                raise ValueError("prefix tuning: a cache made under gradient checkpointing holds only the prefix")
+            if tag["deltas"][0] == id(self):
+                self._fix_mask(model, kw, tag, cache, enc_dec)
+            return self._encode(model, kw) if encode else kw
+        if tag is not None and cache.get_seq_length() > tag["length"]:
+            raise ValueError("prefix tuning: cannot add a prefix to a cache that already holds tokens")
+        if generating and kw.get("use_cache") is False:
+            raise ValueError("prefix tuning generates through the key/value cache; do not pass use_cache=False")
+        if enc_dec and hasattr(self, "encoder_prompt_embeddings"):
+            if not encode:
+                raise ValueError("prefix tuning with encoder=True computes encoder_outputs itself; do not pass them")
+            kw = self._encode(model, kw)
+        ref = self.prefix()
+        if tag is None:
+            rows = _batch_size(kw) * (_expand_size(model, kw) if generating else 1)
+            reader = not generating and _checkpointed(model)
+            if reader and (enc_dec or model.config.model_type in _DROPS_CACHE_WHEN_CHECKPOINTING):
+                raise NotImplementedError(f"prefix tuning of {model.config.model_type} cannot run under gradient "
+                                          "checkpointing: the cache (the prefix) does not reach its layers")
+            self_cache = _new_cache(model, self.layers if reader else 0)
+            cache = EncoderDecoderCache(self_cache, DynamicCache()) if enc_dec else self_cache
+            tag = {"deltas": [], "length": 0, "rows": rows, "mask": _user_mask(kw, enc_dec), "reader": reader,
+                   "new": _new_len(kw, enc_dec), "positions": kw.get("position_ids") is not None}
+            setattr(cache, _TAG, tag)
+            if reader:
+                _allow_cache_in_checkpoints(model)
+        self_cache = cache.self_attention_cache if enc_dec else cache
+        dtype = _model_dtype(model, ref)
+        for layer, (k, v) in enumerate(self.layer_kv(ref, tag["rows"], dtype)):
+            _store(self_cache, layer, k, v)
+        tag["deltas"].append(id(self))
+        tag["length"] += self.length
+        kw["past_key_values"] = cache
+        self._fix_mask(model, kw, tag, cache, enc_dec)
+        if generating and not enc_dec and kw.get("inputs_embeds") is not None:
+            # generate() slices inputs_embeds by the cache length: put p placeholder rows in front
+            emb = kw["inputs_embeds"]
+            kw["inputs_embeds"] = torch.cat([emb.new_zeros(emb.shape[0], self.length, emb.shape[2]), emb], dim=1)
+        return kw
+
+    def _fix_mask(self, model: nn.Module, kw: dict, tag: dict, cache: Any, enc_dec: bool) -> None:
+        """mask ← [1 (all prefixes) ; m] with m the user's mask over the real tokens (past and new);
+        position_ids = offset + rank of each new real token, unless the caller gave them."""
+        key = "decoder_attention_mask" if enc_dec else "attention_mask"
+        total = tag["length"]
+        seen = (cache.self_attention_cache if enc_dec else cache).get_seq_length()
+        fresh = seen == total  # this call put the prefixes in (else: a continuation)
+        mask = tag["mask"] if fresh else kw.get(key)
+        new = tag["new"] if fresh else _new_len(kw, enc_dec)
+        if mask is None and not enc_dec:
+            mask = torch.ones(_batch_size(kw), seen - total + new, dtype=torch.long, device=_device(kw))
+        if mask is None:
+            return  # decoder of an encoder-decoder without padding: causal mask over [P; y] is right
+        if mask.shape[-1] == seen + new and total:
+            mask = mask[:, total:]  # the caller passed a mask that already covers the prefix
+        kw[key] = torch.cat([mask.new_ones(mask.shape[0], total), mask], dim=-1)
+        given = tag["positions"] if fresh else kw.get("position_ids") is not None
+        if not enc_dec and not given and _accepts(model, "position_ids"):
+            kw["position_ids"] = prefix_positions(mask, total if self.offset else 0, new)
+
+    @classmethod
+    def prepare_routed(cls, slots: list[list["PrefixDelta"]], slot: torch.Tensor, model: nn.Module,
+                       kwargs: dict[str, Any], generating: bool = False) -> dict[str, Any]:
+        """Mixed batch in one call: row i gets the prefix of adapter ``slots[slot[i]]`` (slot −1: none).
+
+        The prefixes [P_a; P_b…] of each slot are right-aligned in p_max = max_k p_k cache columns and
+        gathered per row; the p_max − p_k unused columns of a row are masked (a base row masks all of
+        them), and row i's real tokens start at position p_{slot(i)}. Each row then computes exactly
+        what its own adapter alone computes (relative positions to the prefix included)."""
+        from transformers import DynamicCache, EncoderDecoderCache
+
+        if any(hasattr(d, "encoder_prompt_embeddings") for s in slots for d in s):
+            raise NotImplementedError("per-row prefixes with encoder=True are not supported")
+        if kwargs.get("past_key_values") is not None:
+            raise NotImplementedError("per-row prefixes start from an empty cache")
+        kw = dict(kwargs)
+        enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
+        ref = next(d for s in slots for d in s)
+        dtype = _model_dtype(model, ref.prefix())
+        per_slot = [[d.layer_kv(d.prefix(), 1, dtype) for d in s] for s in slots]  # slot → delta → layer → (k, v)
+        lengths = [sum(d.length for d in s) for s in slots]
+        p_max = max(lengths)
+        gather = (slot + 1).repeat_interleave(_expand_size(model, kw) if generating else 1)
+        zero = torch.zeros(ref.heads, p_max, ref.token_dim // ref.heads, dtype=dtype, device=slot.device)
+        self_cache = _new_cache(model)
+        for layer in range(ref.layers):
+            keys, values = [zero], [zero]
+            for kvs, p in zip(per_slot, lengths):
+                pad = zero[:, : p_max - p]
+                keys.append(torch.cat([pad, *(kv[layer][0][0] for kv in kvs)], dim=1))
+                values.append(torch.cat([pad, *(kv[layer][1][0] for kv in kvs)], dim=1))
+            self_cache.update(torch.stack(keys)[gather], torch.stack(values)[gather], layer)
+        cache = EncoderDecoderCache(self_cache, DynamicCache()) if enc_dec else self_cache
+        setattr(cache, _TAG, {"deltas": [None], "length": p_max, "reader": True})  # not to be continued
+        lens = torch.tensor([0, *lengths], device=slot.device)[slot + 1]
+        prefix_mask = torch.arange(p_max, device=slot.device)[None, :] >= (p_max - lens)[:, None]
+        key = "decoder_attention_mask" if enc_dec else "attention_mask"
+        mask = kw.get(key)
+        if mask is None:
+            mask = torch.ones(slot.shape[0], _new_len(kw, enc_dec), dtype=torch.long, device=slot.device)
+        kw[key] = torch.cat([prefix_mask.to(mask.dtype), mask], dim=-1)
+        kw["past_key_values"] = cache
+        if not enc_dec and kw.get("position_ids") is None and _accepts(model, "position_ids"):
+            offset = lens[:, None] if ref.offset else 0
+            kw["position_ids"] = prefix_positions(mask, 0, mask.shape[-1]) + offset
+        if generating and not enc_dec and kw.get("inputs_embeds") is not None:
+            emb = kw["inputs_embeds"]
+            kw["inputs_embeds"] = torch.cat([emb.new_zeros(emb.shape[0], p_max, emb.shape[2]), emb], dim=1)
+        return kw
+
+    # -- encoder prefix (encoder-decoders) -----------------------------------------------------------
+    def _encode(self, model: nn.Module, kw: dict) -> dict:
+        """Run the encoder with P_enc in each self-attention (temporary hooks), pass encoder_outputs."""
+        from transformers import DynamicCache
+        from transformers.modeling_outputs import BaseModelOutput
+
+        encoder = model.get_encoder()
+        blocks = _encoder_self_attentions(encoder)
+        mask = kw.get("attention_mask")
+        rows = _batch_size(kw)
+        flat = self.encoder_prompt_embeddings
+        cache = DynamicCache()
+        for layer, (k, v) in enumerate(self.layer_kv(flat, rows, _model_dtype(model, flat), decoder=False)):
+            cache.update(k, v, layer)
+        with _injected(blocks, cache, self.length):
+            enc_in = {k: kw[k] for k in ("input_ids", "inputs_embeds") if kw.get(k) is not None}
+            out = encoder(**enc_in, attention_mask=mask, return_dict=True)
+        kw["encoder_outputs"] = BaseModelOutput(last_hidden_state=out.last_hidden_state)
+        return kw
+
+
+@contextlib.contextmanager
+def _injected(blocks: list[nn.Module], cache: Any, p: int) -> Iterator[None]:
+    """While inside: each encoder self-attention gets ``past_key_values=cache`` (its layer holds P_k,
+    P_v) and a mask with p visible columns prepended. The hooks are removed on exit."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict):
+        kwargs = dict(kwargs)
+        args = list(args)
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        if mask is not None:
+            visible = True if mask.dtype == torch.bool else 0.0
+            mask = nn.functional.pad(mask, (p, 0), value=visible)
+            if len(args) > 1:
+                args[1] = mask
+            else:
+                kwargs["attention_mask"] = mask
+        kwargs["past_key_values"] = cache
+        return tuple(args), kwargs
+
+    handles = [b.register_forward_pre_hook(hook, with_kwargs=True) for b in blocks]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _encoder_self_attentions(encoder: nn.Module) -> list[nn.Module]:
+    """The encoder's self-attention sublayers that accept ``past_key_values`` (T5's layer[0])."""
+    blocks = getattr(encoder, "block", None)
+    if blocks is None or not all(hasattr(b, "layer") for b in blocks):
+        raise NotImplementedError(f"prefix tuning with encoder=True supports T5-style encoders, not {type(encoder).__name__}")
+    return [b.layer[0] for b in blocks]
+
+
+# -- helpers --------------------------------------------------------------------------------------
+def _batch_size(kw: dict) -> int:
+    for key in ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds", "labels"):
+        if kw.get(key) is not None:
+            return kw[key].shape[0]
+    if kw.get("encoder_outputs") is not None:
+        return kw["encoder_outputs"][0].shape[0]
+    raise TypeError("prefix tuning needs input_ids= or inputs_embeds= passed by keyword")
+
+
+def _device(kw: dict) -> torch.device:
+    for key in ("input_ids", "inputs_embeds", "decoder_input_ids", "attention_mask"):
+        if kw.get(key) is not None:
+            return kw[key].device
+    return torch.device("cpu")
+
+
+def _new_len(kw: dict, enc_dec: bool) -> int:
+    keys = ("decoder_input_ids", "decoder_inputs_embeds") if enc_dec else ("input_ids", "inputs_embeds")
+    for key in keys:
+        if kw.get(key) is not None:
+            return kw[key].shape[1]
+    if enc_dec and kw.get("labels") is not None:
+        return kw["labels"].shape[1]
+    if enc_dec:
+        return 1  # generate starts the decoder with one token
+    raise TypeError("prefix tuning needs input_ids= or inputs_embeds= passed by keyword")
+
+
+def _user_mask(kw: dict, enc_dec: bool) -> torch.Tensor | None:
+    return kw.get("decoder_attention_mask" if enc_dec else "attention_mask")
+
+
+def _expand_size(model: nn.Module, kw: dict) -> int:
+    gc = kw.get("generation_config") or getattr(model, "generation_config", None)
+    beams = kw.get("num_beams") or getattr(gc, "num_beams", None) or 1
+    seqs = kw.get("num_return_sequences") or getattr(gc, "num_return_sequences", None) or 1
+    return max(beams, seqs)
+
+
+def _new_cache(model: nn.Module, readers: int = 0):
+    """A DynamicCache for the model; with ``readers``, that many read-only prefix layers."""
+    from transformers import DynamicCache
+
+    if readers:
+        cache = DynamicCache()
+        cache.layers = [_reader_layer_class()() for _ in range(readers)]
+        return cache
+    try:
+        return DynamicCache(config=model.config)
+    except Exception:  # noqa: BLE001 - configs without layer types: a plain cache grows as needed
+        return DynamicCache()
+
+
+def _store(cache: Any, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Append prefix rows to one layer of the cache (a read-only layer too)."""
+    if layer < len(cache.layers) and isinstance(cache.layers[layer], _reader_layer_class()):
+        from transformers.cache_utils import DynamicLayer
+
+        DynamicLayer.update(cache.layers[layer], k, v)
+    else:
+        cache.update(k, v, layer)
+
+
+@functools.cache
+def _reader_layer_class() -> type:
+    from transformers.cache_utils import DynamicLayer
+
+    class ReaderLayer(DynamicLayer):
+        """Holds only the prefix: ``update`` returns [P; new] and stores nothing, so a checkpointed
+        layer that runs again in backward sees exactly what it saw in forward."""
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+            return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+    return ReaderLayer
+
+
+def _checkpointed(model: nn.Module) -> bool:
+    """Training with activation checkpointing on (transformers then drops caches it could write twice)."""
+    return model.training and torch.is_grad_enabled() and any(
+        getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+def _allow_cache_in_checkpoints(model: nn.Module) -> None:
+    """For the next call of ``model`` only: let its checkpointed layers keep our read-only cache
+    (transformers' ``_can_checkpoint_with_cache``, meant for layers that only read the cache). Two
+    one-shot hooks set the flag on the layers' instances and remove it after the call."""
+    layers = [m for m in model.modules() if getattr(m, "_can_checkpoint_with_cache", None) is False]
+
+    def before(module: nn.Module, args: tuple) -> None:
+        for m in layers:
+            m._can_checkpoint_with_cache = True
+        handles[0].remove()
+
+    def after(module: nn.Module, args: tuple, output: Any) -> None:
+        for m in layers:
+            m.__dict__.pop("_can_checkpoint_with_cache", None)
+        handles[1].remove()
+
+    handles = [model.register_forward_pre_hook(before), model.register_forward_hook(after, always_call=True)]
+
+
+def _model_dtype(model: nn.Module, ref: torch.Tensor) -> torch.dtype:
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return p.dtype if p is not None else ref.dtype
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    return name in inspect.signature(model.forward).parameters
+
+
+def _token_prefix(model: nn.Module, cfg: PrefixConfig) -> torch.Tensor:
+    """The keys/values the base computes for ``length`` random tokens, in PEFT's flat layout."""
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    vocab = model.config.get_text_config().vocab_size
+    ids = torch.randint(0, vocab, (1, cfg.length), device=next(model.parameters()).device)
+    enc_dec = cfg.num_transformer_submodules == 2
+    cache = EncoderDecoderCache(DynamicCache(), DynamicCache()) if enc_dec else DynamicCache()
+    extra = {"decoder_input_ids": ids} if enc_dec else {}
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache, **extra)
+    layers = (cache.self_attention_cache if enc_dec else cache).layers
+    flat = torch.zeros(cfg.length, 2 * cfg.num_layers, cfg.num_attention_heads, cfg.token_dim // cfg.num_attention_heads)
+    for i, layer in enumerate(layers[: cfg.num_layers]):
+        s = decoder_slot(i, cfg.num_layers, cfg.num_transformer_submodules)
+        flat[:, 2 * s], flat[:, 2 * s + 1] = layer.keys[0].transpose(0, 1), layer.values[0].transpose(0, 1)
+    return flat.reshape(cfg.length, -1)
+
+
+def _build(model: nn.Module, cfg: PrefixConfig) -> dict[str, ModelDelta]:
+    """Fill the config's geometry from the model (refusing a mismatch) and create the delta."""
+    geometry = _geometry(model)
+    for key, value in geometry.items():
+        given = getattr(cfg, key)
+        if given is None:
+            setattr(cfg, key, value)
+        elif given != value and key != "task_type":
+            raise ConfigError(f"prefix: {key}={given} does not fit {type(model).__name__} ({key}={value})")
+    if cfg.encoder and cfg.num_transformer_submodules != 2:
+        raise ConfigError("prefix: encoder=True is for encoder-decoder models")
+    if cfg.encoder:
+        _encoder_self_attentions(model.get_encoder())
+    return {"": PrefixDelta(cfg, model)}
+
+
+register_method("prefix", PrefixConfig, "additive")(_build)

@@ -1,0 +1,129 @@
+"""BitFit: fine-tune only the bias terms (Ben Zaken et al. 2022, "BitFit: Simple Parameter-efficient
+Fine-tuning for Transformer-based Masked Language-models"; seed 001 §9.1, seed 000 III-B1, seed 002 §3.2).
+
+Selection site, realised without touching the base (DESIGN.md principle 1) as a delta over each
+existing bias, so that several BitFit adapters can coexist and unloading is exact:
+
+    y = W x + b0 + Δb          (Linear, GPT-2 Conv1D, ConvNd: Δb per output channel)
+    y = γ ⊙ norm(x) + β0 + Δβ   (LayerNorm, GroupNorm, BatchNorm: the shift is a bias too)
+
+Δb = 0 at init; merging writes b0 + Δb into ``bias``. Every module of those kinds that has a bias is
+targeted by default (including the LayerNorms, as in the paper, and the task head's bias).
+
+Files hold only the biases, as their *tuned* values b0 + Δb under the base model's own parameter
+names (``base_model.model.<module>.bias``: strip the prefix and the tensors load into the base model
+with ``load_state_dict(strict=False)``). Loading converts back to Δb = b_saved − b0. b0 is a snapshot
+of the base bias taken when the adapter is created, so saving while merged is still correct.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from peftlab.core.config import AdapterConfig
+from peftlab.core.delta import Delta
+from peftlab.core.registry import register_method
+from peftlab.core.targeting import TargetError, entry_matches, is_linear, select_modules
+
+#: Layers whose bias is a plain additive term of the output, channel in the last dimension.
+_TRAILING = (nn.LayerNorm, nn.Linear)
+#: Layers whose bias is added per channel along dimension 1.
+_CHANNEL = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
+
+
+def _bias_layout(module: nn.Module) -> str | None:
+    """'trailing' or 'channel' for a supported module that has a bias parameter, else None."""
+    if not isinstance(getattr(module, "bias", None), nn.Parameter):
+        return None
+    if isinstance(module, _TRAILING) or is_linear(module):
+        return "trailing"
+    if isinstance(module, _CHANNEL):
+        return "channel"
+    return None
+
+
+@dataclass(kw_only=True)
+class BitFitConfig(AdapterConfig):
+    """Targets default to every Linear/Conv1D/ConvNd/LayerNorm/GroupNorm/BatchNorm that has a bias."""
+
+    method = "bitfit"
+
+
+def bias_delta_view(db: torch.Tensor, layout: str, ndim: int) -> torch.Tensor:
+    """Δb shaped to broadcast against one row (an output without its batch dimension) of ``ndim`` dims."""
+    if layout == "channel":
+        return db.reshape(db.shape[0], *([1] * max(0, ndim - 2)))
+    return db.reshape(*([1] * max(0, ndim - 1 - db.dim())), *db.shape)
+
+
+class BiasDelta(Delta):
+    """Parallel site: y ← y + Δb (Δb = 0 at init), merged into the base's ``bias``."""
+
+    site = "parallel"
+    merges_into = ("bias",)
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        layout = _bias_layout(base)
+        assert layout is not None
+        self.layout = layout
+        self.delta_bias = nn.Parameter(torch.zeros_like(base.bias, dtype=torch.float32))
+        # The base bias at creation: files store b0 + Δb, and loading subtracts b0 again.
+        self.register_buffer("bias0", base.bias.detach().clone(), persistent=False)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        assert y is not None
+        return bias_delta_view(self.delta_bias, self.layout, y.dim()).to(y.dtype).expand_as(y)
+
+    def delta_params(self, base: nn.Module) -> dict[str, torch.Tensor]:
+        return {"bias": self.delta_bias.detach()}
+
+    def file_state(self) -> dict[str, torch.Tensor]:
+        return {"bias": (self.bias0.to(self.delta_bias.dtype) + self.delta_bias).detach()}
+
+    def _load_checked(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            self.delta_bias.copy_(state["bias"].to(self.delta_bias.dtype) - self.bias0.to(self.delta_bias.dtype))
+
+    @classmethod
+    def forward_routed(
+        cls, deltas: Sequence[Delta | None], slot: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Mixed batch as one gather: row i gets Δb of its slot (slot −1: zeros)."""
+        present = [d for d in deltas if d is not None]
+        if not present or not all(isinstance(d, BiasDelta) for d in present):
+            return None
+        ref = present[0]
+        zero = torch.zeros_like(ref.delta_bias)
+        stacked = torch.stack([zero] + [d.delta_bias if d is not None else zero for d in deltas])  # type: ignore[union-attr]
+        rows = stacked.index_select(0, slot + 1)  # (batch, *bias_shape)
+        view = bias_delta_view(rows[0], ref.layout, y.dim()).shape
+        return rows.reshape(rows.shape[0], *view).to(y.dtype)
+
+
+def _build(model: nn.Module, cfg: BitFitConfig) -> dict[str, Delta]:
+    if not any(_bias_layout(m) for _, m in model.named_modules()):
+        raise TargetError(
+            f"bitfit: {type(model).__name__} has no bias parameters (no Linear, Conv1D, Conv, LayerNorm, GroupNorm "
+            "or BatchNorm with a bias: Llama- and T5-style models use bias-free layers and RMSNorm), so BitFit has nothing "
+            "to train. Use another method (e.g. ia3, lora or LayerNorm tuning)."
+        )
+    modules = select_modules(model, cfg, default=["re:.*"], accept=lambda m: _bias_layout(m) is not None,
+                             what="layer with a bias (Linear, Conv1D, Conv, LayerNorm, GroupNorm, BatchNorm)")
+    if cfg.modules_to_save:  # a head with a trainable copy trains its bias there already
+        modules = {n: m for n, m in modules.items() if not _inside_any(n, cfg.modules_to_save)}
+        if not modules:
+            raise TargetError(f"bitfit: every target is inside modules_to_save={cfg.modules_to_save}")
+    return {name: BiasDelta(module) for name, module in modules.items()}
+
+
+def _inside_any(name: str, entries: list[str]) -> bool:
+    parts = name.split(".")
+    return any(entry_matches(e, ".".join(parts[: i + 1])) for e in entries for i in range(len(parts)))
+
+
+register_method("bitfit", BitFitConfig, "selective")(_build)
