@@ -5,6 +5,7 @@ Output site (keys/values): y ← l ⊙ y; input site (the FFN's second projectio
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
@@ -14,6 +15,7 @@ import transformers
 from safetensors.torch import load_file
 
 import peftlab
+from peftlab.core import io
 from peftlab.methods.additive.ia3 import IA3Config, IA3Delta
 
 peft = pytest.importorskip("peft")
@@ -269,19 +271,22 @@ def randomize_peft(model, seed=0):
 
 
 @pytest.mark.parametrize("kind", list(MODELS))
-@pytest.mark.parametrize("spec", ["ia3", "explicit"])
+@pytest.mark.parametrize("spec", ["ia3", "explicit", "layers"])
 def test_peftlab_file_loads_in_peft(kind, spec, tmp_path):
-    if spec == "explicit":
-        kw = dict(PEFT_VARIANTS[kind][0])
-        cfg = IA3Config(targets=kw["target_modules"], feedforward=kw["feedforward_modules"])
-    else:
+    if spec == "ia3":
         cfg = "ia3"
+    else:
+        kw = dict(PEFT_VARIANTS[kind][0])
+        cfg = IA3Config(targets=kw["target_modules"], feedforward=kw["feedforward_modules"],
+                        layers=[1] if spec == "layers" else None)  # PEFT's IA3 has no layers: a regex
     pm = peftlab.apply(MODELS[kind](), cfg)
     randomize(pm)
     expected = out(pm)
     pm.save(tmp_path)
     raw = json.loads((tmp_path / "adapter_config.json").read_text())
     assert raw["peft_type"] == "IA3" and raw["init_ia3_weights"] is True
+    if "placed" in inspect.signature(io.config_file_dict).parameters:  # core passes the placement
+        assert raw["fan_in_fan_out"] is (kind == "gpt2")
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     for _, name, d in pm.placements["default"]:
         key = f"base_model.model.{name}.ia3_l"
@@ -290,6 +295,22 @@ def test_peftlab_file_loads_in_peft(kind, spec, tmp_path):
     assert (out(theirs) - expected).abs().max().item() <= 1e-5
     n_theirs = sum(p.numel() for n, p in theirs.named_parameters() if "ia3_l" in n)
     assert n_theirs == pm.report()["trainable_params"]
+
+
+def test_classifier_head_round_trips_with_peft(tmp_path):
+    def bert_cls():
+        torch.manual_seed(0)
+        return transformers.BertForSequenceClassification(transformers.BertConfig(
+            vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=64, num_labels=3)).eval()
+
+    pm = peftlab.apply(bert_cls(), "ia3", modules_to_save=["classifier"])
+    randomize(pm)
+    expected = out(pm)
+    pm.save(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(bert_cls(), tmp_path)
+    assert (out(theirs) - expected).abs().max().item() <= 1e-5
+    torch.testing.assert_close(out(peftlab.load(bert_cls(), tmp_path)), expected, atol=1e-6, rtol=0)
 
 
 def test_peft_bert_feedforward_quirk_is_reproduced(tmp_path):

@@ -24,6 +24,15 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 TOL = 1e-5
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster, and much faster when other jobs share the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # -- tiny models, built from configs ---------------------------------------------------------------
 def llama(seed: int = 0) -> transformers.LlamaForCausalLM:
     cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -296,11 +305,61 @@ def test_cache_continuation_and_stacked_prefixes():
                         greedy_loop(pm, ids, mask, 4))
 
 
-def test_per_row_adapters_are_refused_by_the_container():
+@pytest.mark.parametrize("offset", [True, False])
+def test_positions(offset):
+    """Real tokens at p + rank (the input is [PREFIX; x]), or at rank with offset_positions=False."""
+    pm = peftlab.apply(llama(), PrefixConfig(length=5, offset_positions=offset))
+    ids, mask = ids_and_mask()
+    kw = delta(pm).prepare(pm.model, {"input_ids": ids, "attention_mask": mask})
+    start = 5 if offset else 0
+    assert kw["position_ids"][0].tolist() == list(range(start, start + 7))
+    assert kw["position_ids"][1, 2:].tolist() == list(range(start, start + 5))
+    assert kw["attention_mask"].shape == (2, 12) and kw["attention_mask"][:, :5].all()
+    with torch.no_grad():
+        batch = pm(input_ids=ids, attention_mask=mask).logits
+        assert (batch[1, 2:] - pm(input_ids=ids[1:, 2:]).logits[0]).abs().max() <= TOL
+        assert_same_run(generate(pm, input_ids=ids, attention_mask=mask, max_new_tokens=4),
+                        greedy_loop(pm, ids, mask, 4))
+    with pytest.raises(TypeError, match="keyword"):
+        pm(ids)
+
+
+def test_per_row_prefixes_in_one_batch():
+    """``prepare_routed`` (for the container's adapter_names): each row equals its adapter alone."""
+    from peftlab.methods.additive.prefix import PrefixDelta
+
+    for make in (llama, t5):
+        pm = peftlab.apply(make(), "prefix[length=3]", adapter_name="a")
+        pm.add_adapter("b", "prefix[length=5]")
+        ids, mask = ids_and_mask(batch=3, side="left" if make is llama else "right")
+        extra = {"decoder_input_ids": ids[:, :4]} if make is t5 else {}
+        slots, slot, names = [[delta(pm, "a")], [delta(pm, "b")]], torch.tensor([0, -1, 1]), ["a", None, "b"]
+        with torch.no_grad():
+            kw = PrefixDelta.prepare_routed(slots, slot, pm.model, {"input_ids": ids, "attention_mask": mask, **extra})
+            mixed = pm.model(**kw).logits
+            kw = PrefixDelta.prepare_routed(slots, slot, pm.model, {"input_ids": ids, "attention_mask": mask}, True)
+            mixed_gen = pm.model.generate(**kw, max_new_tokens=4, do_sample=False)
+            for i, name in enumerate(names):
+                pm.set_adapter(name or "a")
+                with pm.disable_adapters() if name is None else torch.no_grad():
+                    alone = pm(input_ids=ids, attention_mask=mask, **extra).logits[i]
+                    alone_gen = pm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)[i]
+                real = mask[i].bool() if make is llama else slice(None)
+                assert (mixed[i][real] - alone[real]).abs().max() <= TOL
+                assert torch.equal(mixed_gen[i], alone_gen)
+
+
+def test_per_row_adapters_through_the_container():
+    """pm(..., adapter_names=[...]) routes each row to its own prefix (or none)."""
     pm = peftlab.apply(llama(), "prefix[length=3]")
     ids, _ = ids_and_mask(pad=0)
-    with pytest.raises(NotImplementedError):
-        pm(input_ids=ids, adapter_names=["default", None])
+    with torch.no_grad():
+        mixed = pm(input_ids=ids, adapter_names=["default", None]).logits
+        alone = pm(input_ids=ids).logits
+        with pm.disable_adapters():
+            base = pm(input_ids=ids).logits
+    assert (mixed[0] - alone[0]).abs().max() <= TOL
+    assert (mixed[1] - base[1]).abs().max() <= TOL
 
 
 def test_gradient_checkpointing():
@@ -429,12 +488,3 @@ def test_peft_seq_cls_file_with_head_loads(tmp_path):
     with torch.no_grad():
         assert (pm(input_ids=ids, attention_mask=mask).logits - pp(input_ids=ids, attention_mask=mask).logits
                 ).abs().max() <= TOL
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and much faster when other jobs share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -8,7 +8,9 @@ Hugging Face PEFT on LoRA/DoRA training steps, inference and mixed-adapter batch
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from peftlab.bench.models import SPECS
@@ -45,9 +47,20 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--seed", type=int, default=0)
     lora.add_argument("--isolate", choices=("auto", "always", "never"), default="auto", help=argparse.SUPPRESS)
     lora.add_argument("--decode-factor", type=int, default=4, help=argparse.SUPPRESS)
+    lora.add_argument("--from-json", help=argparse.SUPPRESS)  # re-print (and re-plot) a report, run nothing
     lora.add_argument("--no-plot", action="store_true", help="do not write the plot")
     lora.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
+
+
+def _warn_if_busy(threads: int) -> None:
+    """Other processes distort timings; with several threads each also waits for its descheduled
+    partners at every parallel region, so on a busy machine ``--threads 1`` is the robust choice."""
+    load, cpus = (os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0), os.cpu_count() or 1
+    if load > cpus - 0.5:
+        hint = "" if threads == 1 else "; --threads 1 suffers least from it"
+        print(f"peftlab bench: warning: load average {load:.1f} on {cpus} CPUs: other processes will distort "
+              f"the timings{hint}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -57,7 +70,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("peftlab bench: error: --steps must be at least 1", file=sys.stderr)
         return 2
     from peftlab.bench.suite import run
-    from peftlab.bench.table import render
+    from peftlab.bench.table import load_report, plot, render
+
+    if args.from_json:
+        report = load_report(args.from_json)
+        print(render(report))
+        if not args.no_plot:
+            print(f"\nplot: {plot(report, Path(args.from_json).with_suffix('.png'))}")
+        return 0
+    _warn_if_busy(args.threads)
 
     opts = Options(models=args.models, steps=args.steps, out=args.out, quick=args.quick, only=args.only,
                    threads=args.threads, device=args.device, seed=args.seed, isolate=args.isolate,

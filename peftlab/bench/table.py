@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from peftlab.bench.targets import MEM_ABS_MB, MEM_TOL, TIME_TOL
+from peftlab.bench.targets import MEM_ABS_MB, MEM_TOL, TIME_TOL, mixed_ratios
 
 
 def aligned(header: Sequence[str], rows: Sequence[Sequence[str]], title: str = "") -> str:
@@ -36,7 +36,12 @@ def _verdicts(targets: list[dict[str, Any]], model: str, row: str, kinds: Sequen
              "dora_overhead_mem": "dora-m", "merged_at_base_speed": "base-speed", "prefill32_vs_base": ">=.95 base",
              "decode32_vs_base": ">=.7 base", "decode32_vs_peft": ">=1.5 PEFT"}
     hits = [t for t in targets if t["model"] == model and t["row"] == row and (kinds is None or t["target"] in kinds)]
-    return " ".join(f"{short.get(t['target'], t['target'])}:{'pass' if t['passed'] else 'FAIL'}" for t in hits) or ""
+
+    def name(target: str) -> str:
+        base, _, sfx = target.partition("@")
+        return short.get(base, base) + (f"@{sfx}" if sfx else "")
+
+    return " ".join(f"{name(t['target'])}:{'pass' if t['passed'] else 'FAIL'}" for t in hits) or ""
 
 
 def train_table(report: dict[str, Any]) -> str:
@@ -45,18 +50,22 @@ def train_table(report: dict[str, Any]) -> str:
     for model, row in dict.fromkeys((r["model"], r["row"]) for r in report["train"]):
         ref = index.get((model, row, "torch"))
         if ref:
-            rows.append([f"{model} {ref['label']}", _s(ref["time_s"]), "(ref)", "", _mb(ref["peak_mb"]), "(ref)", "", "", ""])
+            rows.append([f"{model} {ref['label']}", _s(ref["time_s"]), "(ref)", "", _s(ref["cpu_s"]), "(ref)", "",
+                         _mb(ref["peak_mb"]), "(ref)", "", "", ""])
             continue
         pl, pf = index.get((model, row, "peftlab")), index.get((model, row, "peft"))
         label = (pl or pf)["label"]
         g = lambda r, k: r.get(k) if r else None  # noqa: E731
         ratio = g(pl, "time_s") / g(pf, "time_s") if pl and pf and pf["time_s"] else None
+        cratio = g(pl, "cpu_s") / g(pf, "cpu_s") if pl and pf and pf["cpu_s"] else None
         dmem = g(pl, "peak_mb") - g(pf, "peak_mb") if pl and pf else None
         trainable = f"{g(pl, 'trainable') or '-'}/{g(pf, 'trainable') or '-'}"
-        rows.append([f"{model} {label}", _s(g(pl, "time_s")), _s(g(pf, "time_s")), _x(ratio), _mb(g(pl, "peak_mb")),
+        rows.append([f"{model} {label}", _s(g(pl, "time_s")), _s(g(pf, "time_s")), _x(ratio),
+                     _s(g(pl, "cpu_s")), _s(g(pf, "cpu_s")), _x(cratio), _mb(g(pl, "peak_mb")),
                      _mb(g(pf, "peak_mb")), "-" if dmem is None else f"{dmem:+.0f}", trainable,
                      _verdicts(report["targets"], model, row)])
-    header = ["train step", "peftlab s", "PEFT s", "pl/PEFT", "peftlab MB", "PEFT MB", "d MB", "trainable pl/PEFT", "targets"]
+    header = ["train step", "peftlab s", "PEFT s", "pl/PEFT", "pl cpu s", "PEFT cpu s", "cpu pl/PEFT",
+              "peftlab MB", "PEFT MB", "d MB", "trainable pl/PEFT", "targets"]
     return aligned(header, rows, "1. Training step (forward+backward+AdamW): median time, peak memory above the loaded model")
 
 
@@ -68,19 +77,22 @@ def infer_table(report: dict[str, Any]) -> str:
         for row in ("base", "unmerged", "merged"):
             if row == "base":
                 if base:
-                    rows.append([f"{model} base", _s(base["time_s"]), "(ref)", "1.00x", "", ""])
+                    rows.append([f"{model} base", _s(base["time_s"]), "(ref)", "1.00x", "", _s(base["cpu_s"]), "(ref)", "1.00x", "", ""])
                 continue
             pl, pf = by.get((row, "peftlab")), by.get((row, "peft"))
-            vs = lambda r: _x(r["time_s"] / base["time_s"]) if r and base else "-"  # noqa: E731
+            vs = lambda r, k="time_s": _x(r[k] / base[k]) if r and base else "-"  # noqa: E731
             rows.append([f"{model} LoRA q,v {row}", _s(pl and pl["time_s"]), _s(pf and pf["time_s"]), vs(pl), vs(pf),
+                         _s(pl and pl["cpu_s"]), _s(pf and pf["cpu_s"]), vs(pl, "cpu_s"), vs(pf, "cpu_s"),
                          _verdicts(report["targets"], model, row)])
-    header = ["inference (prefill)", "peftlab s", "PEFT s", "pl time/base", "PEFT time/base", "targets"]
+    header = ["inference (prefill)", "peftlab s", "PEFT s", "pl/base", "PEFT/base",
+              "pl cpu s", "PEFT cpu s", "pl/base cpu", "PEFT/base cpu", "targets"]
     return aligned(header, rows, "2. Inference, no grad, training batch shape")
 
 
 def mixed_table(report: dict[str, Any]) -> str:
     rows = []
     keyed = {(r["model"], r["phase"], r["variant"], r["lib"], r["adapters"]): r for r in report["mixed"]}
+    cpu = mixed_ratios(report, "cpu_s")
     for model, phase in dict.fromkeys((r["model"], r["phase"]) for r in report["mixed"]):
         base = keyed.get((model, phase, "base", "torch", 0))
         for n in sorted({r["adapters"] for r in report["mixed"] if r["adapters"]}):
@@ -89,10 +101,13 @@ def mixed_table(report: dict[str, Any]) -> str:
             sw = keyed.get((model, phase, "switch", "peftlab", n))
             get = lambda r, k: r[k] if r else None  # noqa: E731
             verdict = _verdicts(report["targets"], model, phase) if n == 32 else ""
+            c_pl = cpu.get((model, phase, "mixed", "peftlab", n), (None, None))
+            c_pf = cpu.get((model, phase, "mixed", "peft", n), (None, None))
             rows.append([f"{model} {phase} {n} adapters", _s(get(base, "time_s")), _s(get(pl, "time_s")), _s(get(pf, "time_s")),
                          _s(get(sw, "time_s")), _x(get(pl, "vs_base")), _x(get(pl, "vs_peft")), _x(get(pf, "vs_base")),
-                         _x(get(sw, "vs_base")), verdict])
-    header = ["mixed batch", "base s", "peftlab s", "PEFT s", "switch s", "pl/base", "pl/PEFT", "PEFT/base", "switch/base", "targets"]
+                         _x(get(sw, "vs_base")), _x(c_pl[0]), _x(c_pl[1]), _x(c_pf[0]), verdict])
+    header = ["mixed batch", "base s", "peftlab s", "PEFT s", "switch s", "pl/base", "pl/PEFT", "PEFT/base", "switch/base",
+              "pl/base cpu", "pl/PEFT cpu", "PEFT/base cpu", "targets"]
     return aligned(header, rows, "3. Mixed-adapter batches (throughput relative to the base and to PEFT's mixed batch)")
 
 
@@ -122,6 +137,17 @@ def render(report: dict[str, Any]) -> str:
     for err in report.get("errors", []):
         parts.append(f"ERROR {err['job']}: {err['error'].strip().splitlines()[-1]}")
     return "\n\n".join(parts)
+
+
+def load_report(path: str | Path) -> dict[str, Any]:
+    """Read a JSON report back, with its targets re-evaluated."""
+    import json
+
+    from peftlab.bench.targets import evaluate
+
+    report = json.loads(Path(path).read_text())
+    report["targets"] = evaluate(report)
+    return report
 
 
 def plot(report: dict[str, Any], path: Path) -> str | None:

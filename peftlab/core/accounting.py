@@ -46,6 +46,6 @@ def adapter_report(pm: "PeftModel", name: str) -> dict[str, Any]:
         "total_params": base_params + adapter_params,
         "trainable_percent": 100.0 * trainable / max(1, base_params + adapter_params),
         "ranks": ranks,
-        "bytes_on_disk": io.serialized_size(cfg, tensors),
+        "bytes_on_disk": io.serialized_size(cfg, tensors, pm.placed(name)),
         "modules": len({m for _, m, _ in placement}),
     }

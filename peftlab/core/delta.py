@@ -89,6 +89,10 @@ class ModelDelta(nn.Module):
     site: ClassVar[str] = "model"
     merges_into: ClassVar[tuple[str, ...]] = ()
 
+    @property
+    def mergeable(self) -> bool:
+        return False
+
     def prepare(self, model: nn.Module, kwargs: dict[str, Any], generating: bool = False) -> dict[str, Any]:
         """Return the keyword arguments the base model is called with."""
         raise NotImplementedError

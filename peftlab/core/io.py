@@ -9,6 +9,7 @@ Reading validates everything before the model is touched.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import tempfile
@@ -53,31 +54,41 @@ def file_key(part: int, module_name: str, key: str, union: bool) -> str:
     return f"parts.{part}.{base}" if union else base
 
 
-def config_file_dict(cfg: AdapterConfig | UnionConfig) -> dict[str, Any]:
+def config_file_dict(cfg: AdapterConfig | UnionConfig, placed: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON config: PEFT's fields where PEFT has the method (``placed`` = {module: delta} lets
+    the method write what only the model knows, e.g. Conv1D's ``fan_in_fan_out``), plus ours."""
     if isinstance(cfg, AdapterConfig) and hasattr(cfg, "to_peft"):
-        d = cfg.to_peft()  # type: ignore[attr-defined]
+        takes_placed = len(inspect.signature(cfg.to_peft).parameters) > 0  # type: ignore[attr-defined]
+        d = cfg.to_peft(placed) if placed is not None and takes_placed else cfg.to_peft()  # type: ignore[attr-defined]
     else:
         d = {"peft_type": "PEFTLAB"}
     d["peftlab"] = cfg.to_dict()
     return d
 
 
-def serialized_size(cfg: AdapterConfig | UnionConfig, tensors: dict[str, torch.Tensor]) -> int:
+def serialized_size(
+    cfg: AdapterConfig | UnionConfig, tensors: dict[str, torch.Tensor], placed: dict[str, Any] | None = None
+) -> int:
     """Bytes the adapter takes on disk (exact: the same serialisers as ``save_adapter``)."""
-    return len(save(tensors, metadata={"format": "pt"})) + len(_config_bytes(cfg))
+    return len(save(tensors, metadata={"format": "pt"})) + len(_config_bytes(cfg, placed))
 
 
-def _config_bytes(cfg: AdapterConfig | UnionConfig) -> bytes:
-    return json.dumps(config_file_dict(cfg), indent=2, sort_keys=True).encode()
+def _config_bytes(cfg: AdapterConfig | UnionConfig, placed: dict[str, Any] | None = None) -> bytes:
+    return json.dumps(config_file_dict(cfg, placed), indent=2, sort_keys=True).encode()
 
 
-def save_adapter(path: str | os.PathLike, cfg: AdapterConfig | UnionConfig, tensors: dict[str, torch.Tensor]) -> None:
+def save_adapter(
+    path: str | os.PathLike,
+    cfg: AdapterConfig | UnionConfig,
+    tensors: dict[str, torch.Tensor],
+    placed: dict[str, Any] | None = None,
+) -> None:
     """Write both files atomically (temp file + rename): an interrupted save leaves no half file."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     for name, writer in (
         (WEIGHTS_NAME, lambda f: save_file(tensors, f, metadata={"format": "pt"})),
-        (CONFIG_NAME, lambda f: Path(f).write_bytes(_config_bytes(cfg))),
+        (CONFIG_NAME, lambda f: Path(f).write_bytes(_config_bytes(cfg, placed))),
     ):
         fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{name}.")
         os.close(fd)
@@ -142,6 +153,9 @@ def load_into_placement(
     for part, module_name, delta in placement:
         for key, value in delta.file_state().items():
             expected[file_key(part, module_name, key, union)] = (part, module_name, key, value.shape)
+    # PEFT also saves the full weight of a targeted embedding (``<module>.base_layer.weight``); it is
+    # the base's own tensor, which we never replace, so it is ignored.
+    tensors = {k: v for k, v in tensors.items() if not k.endswith(".base_layer.weight")}
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:

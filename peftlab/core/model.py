@@ -220,29 +220,35 @@ class PeftModel(nn.Module):
             if not keep:
                 st.routing = None
 
-    def _model_deltas(self) -> list[nn.Module]:
+    def _prepare_model_call(self, kwargs: dict[str, Any], generating: bool) -> dict[str, Any]:
+        """Let the active model-site deltas (prefixes...) rewrite the call; per row when routed."""
         st = self._state
         if st.disabled:
-            return []
-        names = st.routing.names if st.routing is not None else st.active
-        deltas = [d for n in names for _, m, d in self.placements[n] if d.site == "model"]
-        if deltas and st.routing is not None:
-            raise NotImplementedError("model-site methods (prefix tuning) cannot be mixed per row yet")
-        return deltas
+            return kwargs
+        if st.routing is None:
+            for d in (d for n in st.active for _, _, d in self.placements[n] if d.site == "model"):
+                kwargs = d.prepare(self.model, kwargs, generating=generating)
+            return kwargs
+        slots = [[d for _, _, d in self.placements[n] if d.site == "model"] for n in st.routing.names]
+        present = [d for s in slots for d in s]
+        if not present:
+            return kwargs
+        cls = type(present[0])
+        if not hasattr(cls, "prepare_routed") or any(type(d) is not cls for d in present):
+            raise NotImplementedError(f"{cls.__name__} cannot be mixed per row")
+        return cls.prepare_routed(slots, st.routing.slot, self.model, kwargs, generating)
 
     def forward(self, *args: Any, adapter_names: Sequence[str | None] | None = None, **kwargs: Any) -> Any:
         """Call the base model with the active adapters, or with one adapter per row
         (``adapter_names[i]`` for row i; ``None`` or ``"__base__"`` for the base model)."""
         with self._call_context(adapter_names):
-            for d in self._model_deltas():
-                kwargs = d.prepare(self.model, kwargs, generating=False)
+            kwargs = self._prepare_model_call(kwargs, generating=False)
             return self.model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: Sequence[str | None] | None = None, **kwargs: Any) -> Any:
         """``model.generate`` with the active adapters (or one per row)."""
         with self._call_context(adapter_names):
-            for d in self._model_deltas():
-                kwargs = d.prepare(self.model, kwargs, generating=True)
+            kwargs = self._prepare_model_call(kwargs, generating=True)
             return self.model.generate(*args, **kwargs)
 
     def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
@@ -332,7 +338,13 @@ class PeftModel(nn.Module):
     def save(self, path: str | os.PathLike, adapter_name: str = "default") -> None:
         """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT's format where PEFT has the method)."""
         self._require([adapter_name])
-        io.save_adapter(path, self.configs[adapter_name], self.adapter_tensors(adapter_name))
+        io.save_adapter(path, self.configs[adapter_name], self.adapter_tensors(adapter_name), self.placed(adapter_name))
+
+    def placed(self, adapter_name: str) -> dict[str, nn.Module] | None:
+        """{module name: delta} of a single-config adapter (None for a union)."""
+        if isinstance(self.configs[adapter_name], UnionConfig):
+            return None
+        return {m: d for _, m, d in self.placements[adapter_name]}
 
     def report(self, adapter_name: str | None = None) -> dict[str, Any]:
         """Honest accounting (DESIGN.md principle 4) for one adapter (default: the first active one)."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -63,26 +63,28 @@ class IA3Config(AdapterConfig):
             self.feedforward = [str(f) for f in self.feedforward]
         super().__post_init__()
 
-    def to_peft(self) -> dict[str, Any]:
+    def to_peft(self, placed: Mapping[str, nn.Module] | None = None) -> dict[str, Any]:
         """Hugging Face PEFT's ``IA3Config`` fields. A selection PEFT cannot express (``module_types``)
-        is written as a peftlab-only file (PEFT then refuses it instead of loading something else)."""
+        is written as a peftlab-only file (PEFT then refuses it instead of loading something else).
+        ``placed`` (module name -> delta, when the caller has the placed adapter) tells whether the
+        layers are GPT-2 ``Conv1D`` (``fan_in_fan_out``; PEFT would otherwise fix it with a warning)."""
         targets = self.targets if self.targets is not None else DEFAULT_TARGETS
         feedforward = self.feedforward if self.feedforward is not None else DEFAULT_FEEDFORWARD
         try:
             if self.module_types is not None:
                 raise ConfigError("module_types")
             target_modules = _entries_to_peft(targets, self.layers)
-            ff = _entries_to_peft(feedforward)
         except ConfigError:
             return {"peft_type": "PEFTLAB"}
-        if isinstance(target_modules, list) and isinstance(ff, list) and not set(ff) <= set(target_modules):
-            ff = _entries_to_peft(["re:" + _alt(e) for e in feedforward])  # PEFT wants a subset, or a regex
+        # Always a regex: PEFT's feed-forward list rule is ``name.endswith(entry)`` without the dot,
+        # which can select more than our entries do.
+        ff = "(?:" + "|".join(_alt(e) for e in feedforward) + ")" if feedforward else []
         return {
             "peft_type": "IA3",
             "target_modules": target_modules,
             "exclude_modules": _entries_to_peft(self.exclude) if self.exclude else None,
             "feedforward_modules": ff,
-            "fan_in_fan_out": False,  # PEFT sets it per layer itself (True on GPT-2's Conv1D)
+            "fan_in_fan_out": any(isinstance(d, IA3Delta) and d.kind == "conv1d" for d in (placed or {}).values()),
             "init_ia3_weights": True,
             "modules_to_save": _modules_to_save_to_peft(self.modules_to_save),
             "task_type": None,
@@ -174,7 +176,7 @@ class IA3Delta(Delta):
         self.ia3_l = nn.Parameter(torch.ones(info.in_features if feedforward else info.out_features))
         has_bias = getattr(base, "bias", None) is not None
         self.merges_into = ("weight",) if feedforward or not has_bias else ("weight", "bias")  # type: ignore[misc]
-        self.n_in, self.n_out = info.in_features, info.out_features
+        self.n_in, self.n_out, self.kind = info.in_features, info.out_features, info.kind
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         t = x if self.feedforward else y

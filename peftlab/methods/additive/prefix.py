@@ -29,6 +29,13 @@ num_return_sequences) rows, as generate expands its inputs (not a user cache).
 
 Several prefix adapters active together are concatenated ([P_a; P_b]); a cache returned by a
 prefixed call can be passed back (manual incremental decoding): the prefix is not added twice.
+``PrefixDelta.prepare_routed`` gives each row of a batch its own adapter's prefix in one call.
+
+T5's encoder drops any cache it is given, so the encoder prefix (``encoder=True``) is added by
+temporary pre-hooks on its self-attention sublayers while ``prepare`` runs the encoder, and the
+model gets ``encoder_outputs``. Gradient checkpointing: checkpointed transformers layers drop the
+cache; for decoder-only and encoder models a read-only prefix cache is let through for that one call
+(GPT-2, which drops it in its own loop, and encoder-decoders refuse with NotImplementedError).
 
 No identity at init: any prefix takes softmax mass from the real keys (even P = 0 adds e^0 terms
 with zero values), so ``identity_at_init`` is False; ``disable_adapters()`` gives the base exactly.
@@ -202,8 +209,11 @@ def _geometry(model: nn.Module) -> dict[str, Any]:
         raise NotImplementedError(f"prefix tuning needs a transformers model that takes past_key_values; "
                                   f"{type(model).__name__} does not")
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    layers, heads = text.num_hidden_layers, text.num_attention_heads
-    hidden = getattr(text, "hidden_size", None) or getattr(text, "d_model")
+    try:
+        layers, heads = text.num_hidden_layers, text.num_attention_heads
+        hidden = getattr(text, "hidden_size", None) or text.d_model
+    except AttributeError as e:
+        raise NotImplementedError(f"prefix tuning: cannot read the attention geometry of {type(model).__name__}") from e
     kv_heads = getattr(text, "num_key_value_heads", None)
     head_dim = getattr(text, "head_dim", None) or hidden // heads
     if kv_heads is not None:
@@ -234,11 +244,14 @@ class PrefixDelta(ModelDelta):
     def __init__(self, cfg: PrefixConfig, model: nn.Module | None = None):
         super().__init__()
         self.length, self.offset, self.token_dim = cfg.length, cfg.offset_positions, cfg.token_dim
-        self.layers, self.heads, self.submodules = cfg.num_layers, cfg.num_attention_heads, cfg.num_transformer_submodules
+        self.layers, self.heads = cfg.num_layers, cfg.num_attention_heads
+        self.submodules = cfg.num_transformer_submodules
         width = cfg.num_layers * 2 * cfg.token_dim
         if cfg.projection:
             self.embedding = nn.Embedding(cfg.length, cfg.token_dim)
-            self.transform = nn.Sequential(nn.Linear(cfg.token_dim, cfg.hidden), nn.Tanh(), nn.Linear(cfg.hidden, width))
+            self.transform = nn.Sequential(
+                nn.Linear(cfg.token_dim, cfg.hidden), nn.Tanh(), nn.Linear(cfg.hidden, width)
+            )
             if cfg.init == "zero":
                 nn.init.zeros_(self.transform[2].weight)
                 nn.init.zeros_(self.transform[2].bias)
@@ -251,7 +264,7 @@ class PrefixDelta(ModelDelta):
                     self.prompt_embeddings.copy_(_token_prefix(model, cfg))
         if cfg.encoder:
             self.encoder_prompt_embeddings = nn.Parameter(torch.zeros(cfg.length, width))
-            if cfg.init == "random":
+            if cfg.init != "zero":  # "tokens" initializes the decoder prefix only
                 nn.init.normal_(self.encoder_prompt_embeddings)
 
     # -- parameters ---------------------------------------------------------------------------------
@@ -322,6 +335,10 @@ class PrefixDelta(ModelDelta):
             raise ValueError("prefix tuning: cannot add a prefix to a cache that already holds tokens")
         if generating and kw.get("use_cache") is False:
             raise ValueError("prefix tuning generates through the key/value cache; do not pass use_cache=False")
+        reader = tag is None and not generating and _checkpointed(model)
+        if reader and (enc_dec or model.config.model_type in _DROPS_CACHE_WHEN_CHECKPOINTING):
+            raise NotImplementedError(f"prefix tuning of {model.config.model_type} cannot run under gradient "
+                                      "checkpointing: the cache (the prefix) does not reach its layers")
         if enc_dec and hasattr(self, "encoder_prompt_embeddings"):
             if not encode:
                 raise ValueError("prefix tuning with encoder=True computes encoder_outputs itself; do not pass them")
@@ -329,13 +346,9 @@ class PrefixDelta(ModelDelta):
         ref = self.prefix()
         if tag is None:
             rows = _batch_size(kw) * (_expand_size(model, kw) if generating else 1)
-            reader = not generating and _checkpointed(model)
-            if reader and (enc_dec or model.config.model_type in _DROPS_CACHE_WHEN_CHECKPOINTING):
-                raise NotImplementedError(f"prefix tuning of {model.config.model_type} cannot run under gradient "
-                                          "checkpointing: the cache (the prefix) does not reach its layers")
-            self_cache = _new_cache(model, self.layers if reader else 0)
+            self_cache = _new_cache(self.layers if reader else 0)
             cache = EncoderDecoderCache(self_cache, DynamicCache()) if enc_dec else self_cache
-            tag = {"deltas": [], "length": 0, "rows": rows, "mask": _user_mask(kw, enc_dec), "reader": reader,
+            tag = {"deltas": [], "length": 0, "rows": rows, "mask": kw.get(_mask_key(enc_dec)), "reader": reader,
                    "new": _new_len(kw, enc_dec), "positions": kw.get("position_ids") is not None}
             setattr(cache, _TAG, tag)
             if reader:
@@ -357,8 +370,7 @@ class PrefixDelta(ModelDelta):
     def _fix_mask(self, model: nn.Module, kw: dict, tag: dict, cache: Any, enc_dec: bool) -> None:
         """mask ← [1 (all prefixes) ; m] with m the user's mask over the real tokens (past and new);
         position_ids = offset + rank of each new real token, unless the caller gave them."""
-        key = "decoder_attention_mask" if enc_dec else "attention_mask"
-        total = tag["length"]
+        key, total = _mask_key(enc_dec), tag["length"]
         seen = (cache.self_attention_cache if enc_dec else cache).get_seq_length()
         fresh = seen == total  # this call put the prefixes in (else: a continuation)
         mask = tag["mask"] if fresh else kw.get(key)
@@ -398,7 +410,7 @@ class PrefixDelta(ModelDelta):
         p_max = max(lengths)
         gather = (slot + 1).repeat_interleave(_expand_size(model, kw) if generating else 1)
         zero = torch.zeros(ref.heads, p_max, ref.token_dim // ref.heads, dtype=dtype, device=slot.device)
-        self_cache = _new_cache(model)
+        self_cache = _new_cache()
         for layer in range(ref.layers):
             keys, values = [zero], [zero]
             for kvs, p in zip(per_slot, lengths):
@@ -410,7 +422,7 @@ class PrefixDelta(ModelDelta):
         setattr(cache, _TAG, {"deltas": [None], "length": p_max, "reader": True})  # not to be continued
         lens = torch.tensor([0, *lengths], device=slot.device)[slot + 1]
         prefix_mask = torch.arange(p_max, device=slot.device)[None, :] >= (p_max - lens)[:, None]
-        key = "decoder_attention_mask" if enc_dec else "attention_mask"
+        key = _mask_key(enc_dec)
         mask = kw.get(key)
         if mask is None:
             mask = torch.ones(slot.shape[0], _new_len(kw, enc_dec), dtype=torch.long, device=slot.device)
@@ -428,7 +440,6 @@ class PrefixDelta(ModelDelta):
     def _encode(self, model: nn.Module, kw: dict) -> dict:
         """Run the encoder with P_enc in each self-attention (temporary hooks), pass encoder_outputs."""
         from transformers import DynamicCache
-        from transformers.modeling_outputs import BaseModelOutput
 
         encoder = model.get_encoder()
         blocks = _encoder_self_attentions(encoder)
@@ -439,9 +450,9 @@ class PrefixDelta(ModelDelta):
         for layer, (k, v) in enumerate(self.layer_kv(flat, rows, _model_dtype(model, flat), decoder=False)):
             cache.update(k, v, layer)
         with _injected(blocks, cache, self.length):
-            enc_in = {k: kw[k] for k in ("input_ids", "inputs_embeds") if kw.get(k) is not None}
-            out = encoder(**enc_in, attention_mask=mask, return_dict=True)
-        kw["encoder_outputs"] = BaseModelOutput(last_hidden_state=out.last_hidden_state)
+            names = ("input_ids", "inputs_embeds", "output_attentions", "output_hidden_states")
+            enc_in = {k: kw[k] for k in names if kw.get(k) is not None}
+            kw["encoder_outputs"] = encoder(**enc_in, attention_mask=mask, return_dict=True)
         return kw
 
 
@@ -476,7 +487,9 @@ def _encoder_self_attentions(encoder: nn.Module) -> list[nn.Module]:
     """The encoder's self-attention sublayers that accept ``past_key_values`` (T5's layer[0])."""
     blocks = getattr(encoder, "block", None)
     if blocks is None or not all(hasattr(b, "layer") for b in blocks):
-        raise NotImplementedError(f"prefix tuning with encoder=True supports T5-style encoders, not {type(encoder).__name__}")
+        raise NotImplementedError(
+            f"prefix tuning with encoder=True supports T5-style encoders, not {type(encoder).__name__}"
+        )
     return [b.layer[0] for b in blocks]
 
 
@@ -509,8 +522,8 @@ def _new_len(kw: dict, enc_dec: bool) -> int:
     raise TypeError("prefix tuning needs input_ids= or inputs_embeds= passed by keyword")
 
 
-def _user_mask(kw: dict, enc_dec: bool) -> torch.Tensor | None:
-    return kw.get("decoder_attention_mask" if enc_dec else "attention_mask")
+def _mask_key(enc_dec: bool) -> str:
+    return "decoder_attention_mask" if enc_dec else "attention_mask"
 
 
 def _expand_size(model: nn.Module, kw: dict) -> int:
@@ -520,18 +533,15 @@ def _expand_size(model: nn.Module, kw: dict) -> int:
     return max(beams, seqs)
 
 
-def _new_cache(model: nn.Module, readers: int = 0):
-    """A DynamicCache for the model; with ``readers``, that many read-only prefix layers."""
+def _new_cache(readers: int = 0):
+    """An empty DynamicCache (no per-layer types from the config, as PEFT builds it); with
+    ``readers``, that many read-only prefix layers."""
     from transformers import DynamicCache
 
+    cache = DynamicCache()
     if readers:
-        cache = DynamicCache()
         cache.layers = [_reader_layer_class()() for _ in range(readers)]
-        return cache
-    try:
-        return DynamicCache(config=model.config)
-    except Exception:  # noqa: BLE001 - configs without layer types: a plain cache grows as needed
-        return DynamicCache()
+    return cache
 
 
 def _store(cache: Any, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -601,13 +611,18 @@ def _token_prefix(model: nn.Module, cfg: PrefixConfig) -> torch.Tensor:
     enc_dec = cfg.num_transformer_submodules == 2
     cache = EncoderDecoderCache(DynamicCache(), DynamicCache()) if enc_dec else DynamicCache()
     extra = {"decoder_input_ids": ids} if enc_dec else {}
+    was_training = model.training
     with torch.no_grad():
+        model.eval()  # no dropout in the activations we copy; the mode is restored below
         model(input_ids=ids, past_key_values=cache, **extra)
+        model.train(was_training)
     layers = (cache.self_attention_cache if enc_dec else cache).layers
-    flat = torch.zeros(cfg.length, 2 * cfg.num_layers, cfg.num_attention_heads, cfg.token_dim // cfg.num_attention_heads)
+    heads = cfg.num_attention_heads
+    flat = torch.zeros(cfg.length, 2 * cfg.num_layers, heads, cfg.token_dim // heads)
     for i, layer in enumerate(layers[: cfg.num_layers]):
         s = decoder_slot(i, cfg.num_layers, cfg.num_transformer_submodules)
-        flat[:, 2 * s], flat[:, 2 * s + 1] = layer.keys[0].transpose(0, 1), layer.values[0].transpose(0, 1)
+        flat[:, 2 * s] = layer.keys[0].transpose(0, 1).float().cpu()
+        flat[:, 2 * s + 1] = layer.values[0].transpose(0, 1).float().cpu()
     return flat.reshape(cfg.length, -1)
 
 
@@ -619,7 +634,8 @@ def _build(model: nn.Module, cfg: PrefixConfig) -> dict[str, ModelDelta]:
         if given is None:
             setattr(cfg, key, value)
         elif given != value and key != "task_type":
-            raise ConfigError(f"prefix: {key}={given} does not fit {type(model).__name__} ({key}={value})")
+            raise ConfigError(f"prefix: {key}={given} does not fit {type(model).__name__} ({key}={value}); "
+                              "a config is filled in place when applied, use a fresh one for another model")
     if cfg.encoder and cfg.num_transformer_submodules != 2:
         raise ConfigError("prefix: encoder=True is for encoder-decoder models")
     if cfg.encoder:
