@@ -35,19 +35,16 @@ PEFT behaviours these tests rely on or document:
 
 from __future__ import annotations
 
-import copy
 import json
 import subprocess
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import peftlab
 from peftlab.core import io
@@ -59,43 +56,6 @@ transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 TOL = 1e-5
-
-# Two gaps that need a change in peftlab/core (proposed alongside these tests). The cases they affect
-# are strict xfails while the core lacks the change (probed by behaviour), and must pass once it has it.
-def _core_passes_placement() -> bool:
-    """io hands the placed adapter to ``to_peft``: needed for ``fan_in_fan_out`` (GPT-2's Conv1D) and
-    for writing "all-linear" / the default targets as the resolved names, as PEFT writes them."""
-    from transformers.pytorch_utils import Conv1D
-
-    m = torch.nn.Sequential()
-    m.add_module("c", Conv1D(4, 4))
-    with tempfile.TemporaryDirectory() as d:
-        peftlab.apply(m, LoraConfig(r=1, targets=["c"])).save(d)
-        return json.loads((Path(d) / "adapter_config.json").read_text())["fan_in_fan_out"] is True
-
-
-def _core_drops_base_copies() -> bool:
-    """io accepts PEFT's copy of a targeted embed_tokens' own weight (``<module>.base_layer.weight``)."""
-    emb = torch.nn.Embedding(5, 3)
-    with tempfile.TemporaryDirectory() as d:
-        peftlab.apply(torch.nn.Sequential(copy.deepcopy(emb)), LoraConfig(r=1, targets=["0"])).save(d)
-        tensors = load_file(f"{d}/adapter_model.safetensors")
-        save_file({**tensors, "base_model.model.0.base_layer.weight": emb.weight.detach().clone()}, f"{d}/adapter_model.safetensors")
-        try:
-            peftlab.load(torch.nn.Sequential(copy.deepcopy(emb)), d)
-            return True
-        except peftlab.AdapterFileError:
-            return False
-
-
-NEEDS_PLACEMENT = pytest.mark.xfail(
-    not _core_passes_placement(), strict=True,
-    reason="core io does not pass the placement to LoraConfig.to_peft (fan_in_fan_out, resolved target names)",
-)
-NEEDS_BASE_COPIES = pytest.mark.xfail(
-    not _core_drops_base_copies(), strict=True,
-    reason="core io refuses PEFT's saved copy of the targeted embed_tokens weight (<module>.base_layer.weight)",
-)
 
 
 # -- tiny models ----------------------------------------------------------------------------------
@@ -264,10 +224,6 @@ def _cases(test: str):
         marks = []
         if (kind, v) == ("gpt2", "olora"):
             marks.append(OLORA_GPT2)
-        elif test == "peft_to_ours" and (kind, v) == ("llama", "embedding"):
-            marks.append(NEEDS_BASE_COPIES)
-        elif test == "format" and (v in ("all_linear", "default_targets") or (kind == "gpt2" and v != "embedding")):
-            marks.append(NEEDS_PLACEMENT)
         yield pytest.param(kind, v, id=f"{kind}-{v}", marks=marks)
 
 
@@ -389,11 +345,8 @@ def test_peft_tolerates_our_extra_config_key(tmp_path):
             id="all-linear-exclude",
         ),
         # PEFT has no field for these: written as the resolved module names.
-        pytest.param(LoraConfig(r=4, alpha=8, targets=["all-linear"], layers=[0]), id="all-linear-layers", marks=NEEDS_PLACEMENT),
-        pytest.param(
-            LoraConfig(r=4, alpha=8, targets=["q_proj", "embed_tokens"], module_types=["Linear"]),
-            id="module-types", marks=NEEDS_PLACEMENT,
-        ),
+        pytest.param(LoraConfig(r=4, alpha=8, targets=["all-linear"], layers=[0]), id="all-linear-layers"),
+        pytest.param(LoraConfig(r=4, alpha=8, targets=["q_proj", "embed_tokens"], module_types=["Linear"]), id="module-types"),
     ],
 )
 def test_targeting_round_trips_both_ways(cfg, tmp_path):
@@ -523,6 +476,23 @@ def test_mixed_batch_equals_single_adapter_rows():
         base = outputs(pm, batch)[0]
     assert (mixed[2] - base[2]).abs().max().item() <= TOL
     assert (mixed[0] - base[0]).abs().max().item() > 1e-3 and (mixed[1] - base[1]).abs().max().item() > 1e-3
+
+
+def test_mixed_batch_sees_in_place_changes_of_dora_magnitudes():
+    """Without autograd the stacked adapters are cached; editing only a DoRA magnitude (or the base
+    weight its norm comes from) must invalidate that cache."""
+    pm = _mixed_llama().eval()
+    batch = _batch4()
+    before = outputs(pm, batch, adapter_names=ROWS)[0]
+    with torch.no_grad():
+        for n, p in pm.adapter_modules["b"].named_parameters():
+            if "magnitude" in n:
+                p.mul_(1.5)
+    after = outputs(pm, batch, adapter_names=ROWS)[0]
+    pm.set_adapter("b")
+    assert (after[1] - outputs(pm, batch)[0][1]).abs().max().item() <= TOL
+    assert (after[1] - before[1]).abs().max().item() > 1e-3
+    torch.testing.assert_close(after[0], before[0])  # rows of "a" unchanged
 
 
 def _row_loss(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:

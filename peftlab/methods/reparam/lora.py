@@ -371,7 +371,7 @@ def _without_bias(deltas: Sequence[Delta | None], y: torch.Tensor) -> torch.Tens
 def _stacked(deltas: Sequence[Delta | None], dtype: torch.dtype, grad: bool):
     """(A, B, scale, magnitude-ratio) stacked over slots with an all-zero slot 0 for base rows.
 
-    Without autograd the stacks are cached until any adapter parameter changes (``_version``)."""
+    Without autograd the stacks are cached until anything they are computed from changes (``_version_key``)."""
     present = [d for d in deltas if d is not None]
     key = tuple(_version_key(d) if d is not None else None for d in deltas)
     holder = present[0]
