@@ -37,3 +37,78 @@ def tiny():
         return model, tiny_batch(model, batch=3, seq=8)
 
     return make
+
+
+# -- helpers shared by the per-method test files -------------------------------------------------------
+#: Token ids for the tiny text models (above their special ids).
+IDS = torch.randint(3, 128, (3, 7), generator=torch.Generator().manual_seed(3))
+
+
+def tiny_net(kind: str, task: str = "base", noisy_biases: bool = False):
+    """A tiny model from :func:`peftlab.zoo.tiny_model`; ``noisy_biases`` makes its biases nonzero
+    (Hugging Face inits them to 0), so that methods that scale or shift biases show an effect."""
+    from peftlab.zoo import tiny_model
+
+    model = tiny_model(kind, task=task)
+    return add_noise_to_biases(model) if noisy_biases else model
+
+
+def add_noise_to_biases(model, std: float = 0.1):
+    """Add N(0, std²) noise to every parameter named ``*bias`` of ``model`` (seeded); returns it."""
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.add_(torch.randn(p.shape, generator=gen) * std)
+    return model
+
+
+def main_output(model, ids: torch.Tensor = IDS, **kw) -> torch.Tensor:
+    """``first_output`` of ``model(input_ids=ids, **kw)`` without autograd."""
+    with torch.no_grad():
+        return first_output(model(input_ids=ids, **kw))
+
+
+def assert_mixed_batch_equals_per_adapter(pm, names: list, ids: torch.Tensor = IDS, atol: float = 1e-5) -> None:
+    """Row i of a mixed batch routed by ``names`` (None: no adapter) equals row i of the whole batch
+    run with adapter ``names[i]`` alone."""
+    mixed = main_output(pm, ids, adapter_names=names)
+    for i, name in enumerate(names):
+        if name is None:
+            with pm.disable_adapters():
+                ref = main_output(pm, ids)
+        else:
+            pm.set_adapter(name)
+            ref = main_output(pm, ids)
+        assert (mixed[i] - ref[i]).abs().max().item() <= atol, (i, name)
+
+
+def assert_student_learns_teacher(model, method: str, lr: float, ids: torch.Tensor = IDS, steps: int = 30) -> list:
+    """A fresh adapter ``student`` learns the last hidden states of a randomized adapter ``teacher``
+    (a target the method can reach): the loss drops tenfold and only the student's parameters get
+    gradients. Returns the student's trainable parameters."""
+    import torch.nn.functional as F
+
+    import peftlab
+
+    model.train()
+    pm = peftlab.apply(model, method, adapter_name="teacher")
+    randomize_adapter(pm, "teacher", std=0.3)
+    with torch.no_grad():
+        target = pm(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+    pm.add_adapter("student", method)
+    pm.set_adapter("student")
+    params = [p for p in pm.parameters() if p.requires_grad]
+    assert {id(p) for p in params} == {id(p) for p in pm.adapter_modules["student"].parameters()}
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    losses = []
+    for _ in range(steps):
+        loss = F.mse_loss(pm(input_ids=ids, output_hidden_states=True).hidden_states[-1], target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.1 * losses[0], losses
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.grad is None for p in pm.adapter_modules["teacher"].parameters())
+    return params

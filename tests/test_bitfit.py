@@ -11,55 +11,27 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-import transformers
 from safetensors.torch import load_file
 from torch import nn
 
 import peftlab
+from conftest import add_noise_to_biases, assert_mixed_batch_equals_per_adapter, assert_student_learns_teacher, main_output, randomize_adapter, tiny_net
 from peftlab.core import io
 from peftlab.methods.selective.bitfit import BiasDelta, BitFitConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
-# -- tiny models (biases made nonzero: Hugging Face inits them to 0) -----------------------------------
-def _noisy_biases(model):
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith("bias"):
-                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
-    return model.eval()
-
-
-def bert_config(**kw):
-    return transformers.BertConfig(
-        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=64, **kw)
-
-
-def bert():
-    torch.manual_seed(0)
-    return _noisy_biases(transformers.BertModel(bert_config()))
+MODELS = {"bert": lambda: tiny_net("bert", noisy_biases=True), "gpt2": lambda: tiny_net("gpt2", noisy_biases=True)}
+bert, gpt2 = MODELS["bert"], MODELS["gpt2"]
 
 
 def bert_cls():
-    torch.manual_seed(0)
-    return _noisy_biases(transformers.BertForSequenceClassification(bert_config(num_labels=3)))
-
-
-def gpt2():
-    torch.manual_seed(0)
-    return _noisy_biases(transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=128, n_positions=64, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)))
+    return tiny_net("bert", task="classification", noisy_biases=True)
 
 
 def llama():
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64)).eval()
+    return tiny_net("llama")
 
 
 class ConvNet(nn.Module):
@@ -72,27 +44,17 @@ class ConvNet(nn.Module):
         self.bn = nn.BatchNorm2d(4)
         self.gn = nn.GroupNorm(2, 4)
         self.head = nn.Linear(4, 2, bias=False)
-        _noisy_biases(self)
+        add_noise_to_biases(self).eval()
 
     def forward(self, x):
         return self.head(self.gn(self.bn(self.conv(x))).mean((2, 3)))
 
 
-MODELS = {"bert": bert, "gpt2": gpt2}
-IDS = torch.randint(1, 128, (3, 7), generator=torch.Generator().manual_seed(3))
-
-
-def out(model, ids=IDS, **kw) -> torch.Tensor:
-    with torch.no_grad():
-        o = model(input_ids=ids, **kw)
-    return o.logits if hasattr(o, "logits") else o.last_hidden_state
+out = main_output
 
 
 def randomize(pm, adapter="default", seed=0, std=0.3):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in pm.adapter_modules[adapter].parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * std)
+    randomize_adapter(pm, adapter, std=std, seed=seed)
 
 
 def delta_at(pm, name, adapter="default") -> BiasDelta:
@@ -254,41 +216,15 @@ def test_adapters_coexist_and_mixed_batch_is_gathered(monkeypatch):
 
     monkeypatch.setattr(BiasDelta, "forward_routed", classmethod(spy))
     names = ["a", None, "b"]
-    mixed = out(pm, adapter_names=names)
+    assert_mixed_batch_equals_per_adapter(pm, names)
     assert calls and all(calls)  # every routed bias delta took the gathered path
-    for i, n in enumerate(names):
-        if n is None:
-            with pm.disable_adapters():
-                ref = out(pm)
-        else:
-            pm.set_adapter(n)
-            ref = out(pm)
-        assert (mixed[i] - ref[i]).abs().max().item() <= 1e-5
 
 
 # -- 5. it trains ---------------------------------------------------------------------------------------
 def test_trains_and_only_biases_get_gradients():
     """A fresh adapter learns to reproduce the outputs of a randomized one (a reachable target)."""
     model = bert_cls().train()
-    pm = peftlab.apply(model, "bitfit", adapter_name="teacher")
-    randomize(pm, "teacher", std=0.3)
-    with torch.no_grad():
-        target = pm(input_ids=IDS, output_hidden_states=True).hidden_states[-1]
-    pm.add_adapter("student", "bitfit")
-    pm.set_adapter("student")
-    params = [p for p in pm.parameters() if p.requires_grad]
-    assert {id(p) for p in params} == {id(p) for p in pm.adapter_modules["student"].parameters()}
-    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
-    losses = []
-    for _ in range(30):
-        loss = F.mse_loss(pm(input_ids=IDS, output_hidden_states=True).hidden_states[-1], target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.1 * losses[0], losses
-    assert all(p.grad is None for p in model.parameters())
-    assert all(p.grad is None for p in pm.adapter_modules["teacher"].parameters())
+    params = assert_student_learns_teacher(model, "bitfit", lr=1e-2)
     # every bias of the encoder gets a gradient (the unused classifier/pooler path aside)
     assert sum(p.grad is not None and p.grad.abs().sum() > 0 for p in params) >= len(params) - 2
 

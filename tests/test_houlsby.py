@@ -8,65 +8,21 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-import transformers
 
 import peftlab
+from conftest import assert_mixed_batch_equals_per_adapter, assert_student_learns_teacher, main_output, randomize_adapter, tiny_net
 from peftlab.core.targeting import layer_index
 from peftlab.methods.additive.houlsby import HoulsbyAdapter, HoulsbyConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
-# -- tiny models ----------------------------------------------------------------------------------
-def bert():
-    torch.manual_seed(0)
-    return transformers.BertModel(transformers.BertConfig(
-        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=64)).eval()
-
-
-def llama():
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64)).eval()
-
-
-def gpt2():
-    torch.manual_seed(0)
-    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=128, n_positions=64, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)).eval()
-
-
-def t5():
-    torch.manual_seed(0)
-    return transformers.T5Model(transformers.T5Config(
-        vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0)).eval()
-
-
-def vit():
-    torch.manual_seed(0)
-    return transformers.ViTModel(transformers.ViTConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=16,
-        patch_size=8, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).eval()
-
-
-MODELS = {"bert": bert, "llama": llama, "gpt2": gpt2}
-IDS = torch.randint(1, 128, (3, 7), generator=torch.Generator().manual_seed(3))
-
-
-def out(model, ids=IDS, **kw) -> torch.Tensor:
-    with torch.no_grad():
-        o = model(input_ids=ids, **kw)
-    return o.logits if hasattr(o, "logits") else o.last_hidden_state
+KINDS = ["bert", "llama", "gpt2"]
+out = main_output
 
 
 def randomize(pm, adapter="default", seed=0, std=0.2):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in pm.adapter_modules[adapter].parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * std)
+    randomize_adapter(pm, adapter, std=std, seed=seed)
 
 
 def delta_at(pm, name, adapter="default") -> HoulsbyAdapter:
@@ -76,7 +32,7 @@ def delta_at(pm, name, adapter="default") -> HoulsbyAdapter:
 # -- 1. math ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("activation", ["relu", "gelu", "silu"])
 def test_bert_module_matches_formula(activation):
-    model = bert()
+    model = tiny_net("bert")
     pm = peftlab.apply(model, HoulsbyConfig(reduction_factor=4, activation=activation))
     randomize(pm)
     layer = model.encoder.layer[0].attention.output.dense
@@ -90,12 +46,12 @@ def test_bert_module_matches_formula(activation):
 
 
 def test_gpt2_conv1d_matches_formula():
-    model = gpt2()
+    model = tiny_net("gpt2")
     pm = peftlab.apply(model, "houlsby[r=3]")
     randomize(pm)
     layer = model.transformer.h[1].mlp.c_proj  # Conv1D: weight is (in, out)
     d = delta_at(pm, "transformer.h.1.mlp.c_proj")
-    x = torch.randn(2, 4, 128)
+    x = torch.randn(2, 4, model.config.n_inner)
     h = x @ layer.weight + layer.bias
     expected = h + torch.relu(h @ d.adapter_down.weight.T + d.adapter_down.bias) @ d.adapter_up.weight.T + d.adapter_up.bias
     torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
@@ -108,7 +64,7 @@ def test_gpt2_conv1d_matches_formula():
     ("gpt2", {"attn.c_proj", "mlp.c_proj"}),
 ])
 def test_default_targets_two_adapters_per_block(kind, per_block):
-    model = {"bert": bert, "vit": vit, "llama": llama, "gpt2": gpt2}[kind]()
+    model = tiny_net(kind)
     pm = peftlab.apply(model, "houlsby")
     names = [n for _, n, _ in pm.placements["default"]]
     blocks: dict[int, set[str]] = {}
@@ -122,7 +78,7 @@ def test_default_targets_two_adapters_per_block(kind, per_block):
 
 
 def test_t5_default_targets():
-    pm = peftlab.apply(t5(), "houlsby")
+    pm = peftlab.apply(tiny_net("t5"), "houlsby")
     names = [n for _, n, _ in pm.placements["default"]]
     enc = [n for n in names if n.startswith("encoder.")]
     dec = [n for n in names if n.startswith("decoder.")]
@@ -131,9 +87,9 @@ def test_t5_default_targets():
 
 
 # -- 2. identity at init ----------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("kind", KINDS)
 def test_identity_at_init(kind):
-    model = MODELS[kind]()
+    model = tiny_net(kind)
     base = out(model)
     pm = peftlab.apply(model, "houlsby[reduction_factor=4,activation=gelu]")
     assert torch.equal(out(pm), base)
@@ -143,34 +99,34 @@ def test_identity_at_init(kind):
 @pytest.mark.parametrize("kind", ["bert", "llama", "gpt2"])
 def test_counts_match_formula(kind):
     d, layers = 32, 2
-    pm = peftlab.apply(MODELS[kind](), "houlsby")  # reduction_factor 16 -> m = 2
+    pm = peftlab.apply(tiny_net(kind), "houlsby")  # reduction_factor 16 -> m = 2
     m = d // 16
     per_adapter = d * m + m + m * d + d  # W_down, b_down, W_up, b_up
     rep = pm.report()
     assert rep["trainable_params"] == rep["changed_params"] == 2 * layers * per_adapter
     assert rep["ranks"] == {}  # nonlinear: no ΔW
     assert rep["modules"] == 2 * layers
-    pm2 = peftlab.apply(MODELS[kind](), HoulsbyConfig(r=5))
+    pm2 = peftlab.apply(tiny_net(kind), HoulsbyConfig(r=5))
     assert pm2.report()["trainable_params"] == 2 * layers * (d * 5 + 5 + 5 * d + d)
 
 
 # -- 4. files, merge, unload --------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("kind", KINDS)
 def test_save_load_same_outputs(kind, tmp_path):
-    pm = peftlab.apply(MODELS[kind](), "houlsby[reduction_factor=4]")
+    pm = peftlab.apply(tiny_net(kind), "houlsby[reduction_factor=4]")
     randomize(pm)
     expected = out(pm)
     pm.save(tmp_path)
     keys = set(pm.adapter_tensors())
     assert all(k.startswith("base_model.model.") and k.split(".")[-2] in ("adapter_down", "adapter_up") for k in keys)
     assert len(keys) == 4 * 4
-    loaded = peftlab.load(MODELS[kind](), tmp_path)
+    loaded = peftlab.load(tiny_net(kind), tmp_path)
     assert loaded.configs["default"] == pm.configs["default"]
     torch.testing.assert_close(out(loaded), expected, atol=1e-6, rtol=0)
 
 
 def test_merge_refused_and_unload_bit_identical():
-    model = bert()
+    model = tiny_net("bert")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     pm = peftlab.apply(model, "houlsby")
     randomize(pm)
@@ -182,52 +138,26 @@ def test_merge_refused_and_unload_bit_identical():
     after = base.state_dict()
     assert list(after) == list(before)
     assert all(torch.equal(after[k], before[k]) for k in before)
-    torch.testing.assert_close(out(base), out(bert()), atol=0, rtol=0)
+    torch.testing.assert_close(out(base), out(tiny_net("bert")), atol=0, rtol=0)
 
 
 # -- mixed batches ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["gpt2", "bert"])
 def test_mixed_batch_equals_per_adapter(kind):
-    pm = peftlab.apply(MODELS[kind](), "houlsby[reduction_factor=4]", adapter_name="a")
+    pm = peftlab.apply(tiny_net(kind), "houlsby[reduction_factor=4]", adapter_name="a")
     pm.add_adapter("b", HoulsbyConfig(r=3, activation="silu"))
     randomize(pm, "a", seed=1)
     randomize(pm, "b", seed=2)
     names = ["a", "b", None]
-    mixed = out(pm, adapter_names=names)
-    for i, n in enumerate(names):
-        if n is None:
-            with pm.disable_adapters():
-                ref = out(pm)
-        else:
-            pm.set_adapter(n)
-            ref = out(pm)
-        assert (mixed[i] - ref[i]).abs().max().item() <= 1e-5
+    assert_mixed_batch_equals_per_adapter(pm, names)
 
 
 # -- 5. it trains ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_trains_and_only_adapter_gets_gradients(kind):
     """A fresh adapter learns to reproduce the hidden states of a randomized one (a reachable target)."""
-    model = MODELS[kind]().train()
-    pm = peftlab.apply(model, "houlsby[reduction_factor=4]", adapter_name="teacher")
-    randomize(pm, "teacher", std=0.3)
-    with torch.no_grad():
-        target = pm(input_ids=IDS, output_hidden_states=True).hidden_states[-1]
-    pm.add_adapter("student", "houlsby[reduction_factor=4]")
-    pm.set_adapter("student")
-    params = [p for p in pm.parameters() if p.requires_grad]
-    assert {id(p) for p in params} == {id(p) for p in pm.adapter_modules["student"].parameters()}
-    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
-    losses = []
-    for _ in range(30):
-        loss = F.mse_loss(pm(input_ids=IDS, output_hidden_states=True).hidden_states[-1], target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.1 * losses[0], losses
-    assert all(p.grad is None for p in model.parameters())
-    assert all(p.grad is None for p in pm.adapter_modules["teacher"].parameters())
+    model = tiny_net(kind).train()
+    params = assert_student_learns_teacher(model, "houlsby[reduction_factor=4]", lr=1e-2)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
 
 
@@ -244,4 +174,4 @@ def test_config_strings_and_errors():
     with pytest.raises(peftlab.ConfigError, match="reduction_factor"):
         HoulsbyConfig(reduction_factor=0)
     with pytest.raises(peftlab.TargetError, match="nope"):
-        peftlab.apply(bert(), "houlsby[targets=nope]")
+        peftlab.apply(tiny_net("bert"), "houlsby[targets=nope]")

@@ -10,11 +10,10 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
-import transformers
 from safetensors.torch import load_file
 
 import peftlab
+from conftest import assert_mixed_batch_equals_per_adapter, assert_student_learns_teacher, main_output, randomize_adapter, tiny_net
 from peftlab.core import io
 from peftlab.methods.additive.ia3 import IA3Config, IA3Delta
 
@@ -23,65 +22,17 @@ peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
-# -- tiny models ----------------------------------------------------------------------------------
-def bert():
-    torch.manual_seed(0)
-    return transformers.BertModel(transformers.BertConfig(
-        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=64)).eval()
-
-
-def llama():
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64)).eval()
-
-
-def gpt2():
-    torch.manual_seed(0)
-    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=128, n_positions=64, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)).eval()
-
-
-def t5():
-    torch.manual_seed(0)
-    return transformers.T5Model(transformers.T5Config(
-        vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0)).eval()
-
-
-def with_biases(build):
-    """The tiny model with nonzero biases (Hugging Face inits them to 0), so bias scaling is visible."""
-
-    def make():
-        model = build()
-        gen = torch.Generator().manual_seed(5)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n.endswith("bias"):
-                    p.add_(torch.randn(p.shape, generator=gen) * 0.1)
-        return model
-
-    return make
-
-
-bert, gpt2 = with_biases(bert), with_biases(gpt2)
-MODELS = {"bert": bert, "llama": llama, "gpt2": gpt2}
-IDS = torch.randint(1, 128, (3, 7), generator=torch.Generator().manual_seed(3))
-
-
-def out(model, ids=IDS, **kw) -> torch.Tensor:
-    with torch.no_grad():
-        o = model(input_ids=ids, **kw)
-    return o.logits if hasattr(o, "logits") else o.last_hidden_state
+MODELS = {
+    "bert": lambda: tiny_net("bert", noisy_biases=True),
+    "llama": lambda: tiny_net("llama"),
+    "gpt2": lambda: tiny_net("gpt2", noisy_biases=True),
+}
+bert, llama, gpt2 = MODELS["bert"], MODELS["llama"], MODELS["gpt2"]
+out = main_output
 
 
 def randomize(pm, adapter="default", seed=0, std=0.3):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in pm.adapter_modules[adapter].parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * std)
+    randomize_adapter(pm, adapter, std=std, seed=seed)
 
 
 def delta_at(pm, name, adapter="default") -> IA3Delta:
@@ -125,9 +76,10 @@ def test_llama_and_gpt2_conv1d_match_formula():
     c_attn, c_proj = g.transformer.h[1].attn.c_attn, g.transformer.h[1].mlp.c_proj  # Conv1D: weight (in, out)
     l_qkv = delta_at(pm, "transformer.h.1.attn.c_attn").ia3_l
     l_ff = delta_at(pm, "transformer.h.1.mlp.c_proj").ia3_l
-    assert l_qkv.shape == (96,) and l_ff.shape == (128,)
+    inner = g.config.n_inner
+    assert l_qkv.shape == (96,) and l_ff.shape == (inner,)
     torch.testing.assert_close(c_attn(x), l_qkv.view(-1) * (x @ c_attn.weight + c_attn.bias), atol=1e-6, rtol=1e-5)
-    h = torch.randn(2, 4, 128)
+    h = torch.randn(2, 4, inner)
     torch.testing.assert_close(c_proj(h), (l_ff.view(-1) * h) @ c_proj.weight + c_proj.bias, atol=1e-6, rtol=1e-5)
 
 
@@ -149,7 +101,7 @@ def test_default_targets_and_sites(kind, expected):
 
 
 def test_t5_default_targets():
-    got = sites(peftlab.apply(t5(), "ia3"))
+    got = sites(peftlab.apply(tiny_net("t5"), "ia3"))
     assert sum(n.endswith(".DenseReluDense.wo") and s == "input" for n, s in got.items()) == 4
     assert sum(n.endswith((".k", ".v")) and s == "output" for n, s in got.items()) == 12  # enc 2x2, dec 2x4
 
@@ -180,8 +132,9 @@ def test_counts_match_formula():
     assert rep["changed_params"] == layers * (2 * kv * d + d * ff)  # no biases
     assert rep["ranks"]["model.layers.0.self_attn.k_proj"] == kv and rep["ranks"]["model.layers.1.mlp.down_proj"] == d
 
-    inner = 4 * d  # GPT-2
-    rep = peftlab.apply(gpt2(), "ia3").report()
+    g = gpt2()
+    inner = g.config.n_inner  # GPT-2's feed-forward width
+    rep = peftlab.apply(g, "ia3").report()
     assert rep["trainable_params"] == layers * (3 * d + inner)
     assert rep["changed_params"] == layers * (3 * d * d + 3 * d + inner * d)
 
@@ -299,10 +252,7 @@ def test_peftlab_file_loads_in_peft(kind, spec, tmp_path):
 
 def test_classifier_head_round_trips_with_peft(tmp_path):
     def bert_cls():
-        torch.manual_seed(0)
-        return transformers.BertForSequenceClassification(transformers.BertConfig(
-            vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=64, num_labels=3)).eval()
+        return tiny_net("bert", task="classification")
 
     pm = peftlab.apply(bert_cls(), "ia3", modules_to_save=["classifier"])
     randomize(pm)
@@ -330,40 +280,14 @@ def test_mixed_batch_equals_per_adapter():
     randomize(pm, "a", seed=1)
     randomize(pm, "b", seed=2)
     names = ["b", None, "a"]
-    mixed = out(pm, adapter_names=names)
-    for i, n in enumerate(names):
-        if n is None:
-            with pm.disable_adapters():
-                ref = out(pm)
-        else:
-            pm.set_adapter(n)
-            ref = out(pm)
-        assert (mixed[i] - ref[i]).abs().max().item() <= 1e-5
+    assert_mixed_batch_equals_per_adapter(pm, names)
 
 
 # -- 5. it trains ---------------------------------------------------------------------------------------
 def test_trains_and_only_adapter_gets_gradients():
     """A fresh adapter learns to reproduce the hidden states of a randomized one (a reachable target)."""
     model = llama().train()
-    pm = peftlab.apply(model, "ia3", adapter_name="teacher")
-    randomize(pm, "teacher", std=0.3)
-    with torch.no_grad():
-        target = pm(input_ids=IDS, output_hidden_states=True).hidden_states[-1]
-    pm.add_adapter("student", "ia3")
-    pm.set_adapter("student")
-    params = [p for p in pm.parameters() if p.requires_grad]
-    assert {id(p) for p in params} == {id(p) for p in pm.adapter_modules["student"].parameters()}
-    opt = torch.optim.AdamW(params, lr=3e-2, weight_decay=0.0)
-    losses = []
-    for _ in range(30):
-        loss = F.mse_loss(pm(input_ids=IDS, output_hidden_states=True).hidden_states[-1], target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.1 * losses[0], losses
-    assert all(p.grad is None for p in model.parameters())
-    assert all(p.grad is None for p in pm.adapter_modules["teacher"].parameters())
+    params = assert_student_learns_teacher(model, "ia3", lr=3e-2)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
 
 

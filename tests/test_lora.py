@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 import peftlab
-from peftlab.core.layers import weight_out_in
 from peftlab.zoo import tiny_batch, tiny_model
 
 from conftest import first_output, randomize_adapter

@@ -20,15 +20,9 @@ from peftlab.train.evaluation import evaluate_model
 
 pytestmark = pytest.mark.real
 
-# Prefix tuning did not move the metric within this short budget (known weakness, see issue 3 note).
-_SLOW_TO_LEARN = {"prefix": "prefix tuning needs far more steps than this budget on real models"}
-METHODS = [
-    pytest.param(s.name, marks=pytest.mark.xfail(reason=_SLOW_TO_LEARN[s.name], strict=False))
-    if s.name in _SLOW_TO_LEARN else s.name
-    for s in method_specs()
-]
-# Methods with few parameters need larger steps (as in their papers: (IA)^3 3e-3, prefix 1e-2...).
-LR = {"ia3": 2e-2, "bitfit": 1e-2, "prefix": 1e-2, "houlsby": 2e-3}
+METHODS = [s.name for s in method_specs()]
+# Methods with few parameters need larger steps in this short budget (40 steps on SST-2, 12 on Alpaca).
+LR = {"ia3": 2e-2, "bitfit": 1e-2, "prefix": 3e-2, "houlsby": 2e-3}
 
 
 def _apply_or_skip(model, method, **kw):

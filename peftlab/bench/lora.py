@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from peftlab.bench import libs
-from peftlab.bench.measure import MB, PeakMemory, median, once, timed
+from peftlab.bench.measure import MB, median, once, timed
 from peftlab.bench.models import SPECS, ModelSpec, load_model, logits, make_batch, prefill_kwargs
+from peftlab.train.memory import PeakMemory
 
 #: Rows of the training section: reference rows (no adapter) and the adapter variants.
 REFERENCE_ROWS = {"base_forward": "base forward only", "full_ft": "full fine-tuning"}
@@ -50,8 +51,15 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
     model = load_model(spec, device)
     train_shape, _ = spec.shapes(job["quick"])
     batch = make_batch(spec, model, train_shape, job["seed"], labels=True, device=device)
-    memory = PeakMemory(device)  # baseline: the loaded model
-    memory.start()
+    with PeakMemory(device) as memory:  # baseline: the loaded model and the batch
+        step, n_trainable = _train_step(job, spec, model, batch)
+        times = timed(step, job["steps"], device)
+    return {**_summary(times), "peak_mb": memory.peak_bytes / MB, "memory_method": memory.method,
+            "baseline_mb": memory.baseline_bytes / MB, "trainable": n_trainable, "shape": list(train_shape)}
+
+
+def _train_step(job: dict[str, Any], spec: ModelSpec, model: nn.Module, batch: dict[str, Any]) -> tuple[Callable[[], None], int]:
+    """The step function of one training row and its number of trainable parameters."""
     row = job["row"]
     if row == "base_forward":
         model.train()
@@ -78,11 +86,7 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
             optimizer.zero_grad(set_to_none=True)
             net(**batch).loss.backward()
             optimizer.step()
-
-    times = timed(step, job["steps"], device)
-    peak = memory.stop()
-    return {**_summary(times), "peak_mb": peak / MB, "memory_method": memory.method,
-            "baseline_mb": memory.baseline / MB, "trainable": n_trainable, "shape": list(train_shape)}
+    return step, n_trainable
 
 
 # -- shared by inference and mixed batches ------------------------------------------------------------

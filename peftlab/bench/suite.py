@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from peftlab.bench import libs
-from peftlab.bench.lora import ADAPTER_COUNTS, JOBS, REFERENCE_ROWS, TRAIN_ROWS
+from peftlab.bench.lora import ADAPTER_COUNTS, JOBS, REFERENCE_ROWS
 from peftlab.bench.measure import WorkerError, run_isolated
 from peftlab.bench.models import SPECS
 from peftlab.bench.targets import evaluate

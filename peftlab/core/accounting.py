@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from peftlab.core import io
-from peftlab.core.config import UnionConfig
 
 if TYPE_CHECKING:
     from peftlab.core.model import PeftModel
@@ -35,7 +34,7 @@ def adapter_report(pm: "PeftModel", name: str) -> dict[str, Any]:
         if r is not None:
             ranks[module_name] = r
     cfg = pm.configs[name]
-    tensors = io.placement_tensors(placement, isinstance(cfg, UnionConfig))
+    tensors = io.placement_tensors(placement, cfg)
     return {
         "adapter": name,
         "method": cfg.to_string(),

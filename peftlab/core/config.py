@@ -49,6 +49,8 @@ class AdapterConfig:
     method: ClassVar[str] = ""
     #: Whether a fresh adapter computes exactly the base model's function (checked for every method).
     identity_at_init: ClassVar[bool] = True
+    #: Where module tensors sit in the file, after PEFT's wrapper names (see ``io.file_key``).
+    peft_module_prefix: ClassVar[str] = "base_model.model."
     targets: list[str] | None = None
     exclude: list[str] | None = None
     layers: list[int] | None = None

@@ -40,18 +40,22 @@ def register_peft_format(peft_type: str, reader: Callable[[dict[str, Any]], Adap
     _PEFT_READERS[peft_type] = reader
 
 
-def placement_tensors(placement: list[tuple[str, Any]], union: bool) -> dict[str, torch.Tensor]:
+def placement_tensors(placement: list[tuple[str, Any]], cfg: AdapterConfig | UnionConfig) -> dict[str, torch.Tensor]:
     """The tensors of a placed adapter under their file keys."""
     out: dict[str, torch.Tensor] = {}
     for part, module_name, delta in placement:
         for key, value in delta.file_state().items():
-            out[file_key(part, module_name, key, union)] = value.detach().contiguous().cpu()
+            out[file_key(cfg, part, module_name, key)] = value.detach().contiguous().cpu()
     return out
 
 
-def file_key(part: int, module_name: str, key: str, union: bool) -> str:
-    base = f"{PREFIX}{module_name}.{key}" if module_name else key
-    return f"parts.{part}.{base}" if union else base
+def file_key(cfg: AdapterConfig | UnionConfig, part: int, module_name: str, key: str) -> str:
+    """``<prefix><module>.<key>``; a union's parts are kept apart by ``parts.<i>.`` (a peftlab-only
+    format). The prefix is PEFT's: ``base_model.model.`` for most methods, ``base_model.`` for the
+    prompt-learning ones, whose PEFT wrapper holds the model one level higher."""
+    if isinstance(cfg, UnionConfig):
+        return f"parts.{part}.{PREFIX}{module_name}.{key}" if module_name else f"parts.{part}.{key}"
+    return f"{type(cfg).peft_module_prefix}{module_name}.{key}" if module_name else key
 
 
 def config_file_dict(cfg: AdapterConfig | UnionConfig, placed: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -145,14 +149,15 @@ def config_from_file_dict(raw: dict[str, Any], where: Any = "adapter_config.json
 
 
 def load_into_placement(
-    placement: list[tuple[int, str, Any]], tensors: dict[str, torch.Tensor], union: bool, where: str = ""
+    placement: list[tuple[int, str, Any]], tensors: dict[str, torch.Tensor], cfg: AdapterConfig | UnionConfig,
+    where: str = "",
 ) -> None:
     """Fill freshly built deltas from file tensors. Checks every key and shape first, so a file for
     another base model is refused before any delta (let alone the model) is changed."""
     expected: dict[str, tuple[int, str, str, torch.Size]] = {}
     for part, module_name, delta in placement:
         for key, value in delta.file_state().items():
-            expected[file_key(part, module_name, key, union)] = (part, module_name, key, value.shape)
+            expected[file_key(cfg, part, module_name, key)] = (part, module_name, key, value.shape)
     # PEFT also saves the full weight of a targeted embedding (``<module>.base_layer.weight``); it is
     # the base's own tensor, which we never replace, so it is ignored.
     tensors = {k: v for k, v in tensors.items() if not k.endswith(".base_layer.weight")}
@@ -171,4 +176,4 @@ def load_into_placement(
             )
     for part, module_name, delta in placement:
         own = delta.file_state()
-        delta.load_file_state({k: tensors[file_key(part, module_name, k, union)].to(v.dtype) for k, v in own.items()})
+        delta.load_file_state({k: tensors[file_key(cfg, part, module_name, k)].to(v.dtype) for k, v in own.items()})

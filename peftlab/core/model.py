@@ -333,7 +333,7 @@ class PeftModel(nn.Module):
     # -- files and accounting ---------------------------------------------------------------------
     def adapter_tensors(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
         self._require([adapter_name])
-        return io.placement_tensors(self.placements[adapter_name], isinstance(self.configs[adapter_name], UnionConfig))
+        return io.placement_tensors(self.placements[adapter_name], self.configs[adapter_name])
 
     def save(self, path: str | os.PathLike, adapter_name: str = "default") -> None:
         """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT's format where PEFT has the method)."""
@@ -399,7 +399,7 @@ def load(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default
         existing._check_new_name(adapter_name)
     cfg, tensors = io.read_adapter(path)
     placement = build_placement(base, cfg)
-    io.load_into_placement(placement, tensors, isinstance(cfg, UnionConfig), where=str(path))
+    io.load_into_placement(placement, tensors, cfg, where=str(path))
     pm = existing if existing is not None else PeftModel(base)
     pm._install(adapter_name, cfg, placement)
     if existing is None or not pm.active_adapters:

@@ -56,6 +56,13 @@ def _nearest(wanted: str, names: Iterable[str]) -> list[str]:
     return close or leaves[:8]
 
 
+def inside_any(name: str, entries: list[str]) -> bool:
+    """Whether module ``name`` is, or lies inside, a module matched by one of ``entries``."""
+    parts = name.split(".")
+    prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
+    return any(entry_matches(e, p) for e in entries for p in prefixes)
+
+
 def select_modules(
     model: nn.Module,
     cfg: AdapterConfig,
@@ -108,6 +115,11 @@ def select_modules(
                 f"(it needs a {what})"
             )
         chosen = {n: m for n, m in chosen.items() if accept(m)}
+    saved = getattr(cfg, "modules_to_save", None)
+    if saved and chosen:  # as PEFT: a module that gets a trainable copy is never also adapted
+        chosen = {n: m for n, m in chosen.items() if not inside_any(n, saved)}
+        if not chosen:
+            raise TargetError(f"{cfg.method}: every target is inside modules_to_save={saved}")
     if not chosen:
         raise TargetError(
             f"{cfg.method}: the targeting fields select no {what} "

@@ -72,8 +72,10 @@ def _ru_maxrss_bytes() -> int:
 class PeakMemory:
     """Context manager measuring peak memory while its block runs.
 
-    On CUDA: ``torch.cuda.max_memory_allocated`` after resetting the peak stats (absolute bytes
-    held by tensors, weights included). On CPU: the peak RSS above the RSS just before the block,
+    ``peak_bytes`` is always the growth above the memory in use when the block began
+    (``baseline_bytes``: the loaded model, its weights included), so the two add up to the total.
+    On CUDA: ``torch.cuda.max_memory_allocated`` after resetting the peak stats, less the bytes
+    allocated at the start. On CPU: the peak RSS above the RSS just before the block,
     read from VmHWM after resetting it through ``/proc/self/clear_refs``; where that is not
     permitted, VmRSS sampled every ``interval`` seconds by a background thread; without /proc,
     the growth of ``ru_maxrss``. Before the CPU baseline is read, freed heap memory is returned to
@@ -126,7 +128,7 @@ class PeakMemory:
         """Stop measuring and set ``peak_bytes``."""
         if self.method == "cuda_max_memory_allocated":
             torch.cuda.synchronize(self.device)
-            self.peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
+            self.peak_bytes = max(0, int(torch.cuda.max_memory_allocated(self.device)) - self.baseline_bytes)
         elif self.method == "vmhwm":
             hwm = read_status_kib("VmHWM")
             self.peak_bytes = max(0, (hwm or 0) * 1024 - self.baseline_bytes)

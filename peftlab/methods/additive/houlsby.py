@@ -29,7 +29,7 @@ from peftlab.core.config import AdapterConfig
 from peftlab.core.delta import Delta
 from peftlab.core.layers import layer_info
 from peftlab.core.registry import register_method
-from peftlab.core.targeting import TargetError, entry_matches, is_linear, select_modules
+from peftlab.core.targeting import is_linear, select_modules
 
 #: Attention-output and FFN-output projections of BERT, Llama, GPT-2, T5 and ViT. BERT's FFN output
 #: ``encoder.layer.N.output.dense`` is named by a regex so that the suffix ``output.dense`` does not
@@ -104,16 +104,7 @@ class HoulsbyAdapter(Delta):
 
 def _build(model: nn.Module, cfg: HoulsbyConfig) -> dict[str, Delta]:
     modules = select_modules(model, cfg, default=DEFAULT_TARGETS, accept=is_linear, what="Linear or Conv1D layer")
-    if cfg.modules_to_save:  # a module with a trainable copy is not also adapted (as for LoRA)
-        modules = {n: m for n, m in modules.items() if not _inside_any(n, cfg.modules_to_save)}
-        if not modules:
-            raise TargetError(f"houlsby: every target is inside modules_to_save={cfg.modules_to_save}")
     return {name: HoulsbyAdapter(module, cfg) for name, module in modules.items()}
-
-
-def _inside_any(name: str, entries: list[str]) -> bool:
-    parts = name.split(".")
-    return any(entry_matches(e, ".".join(parts[: i + 1])) for e in entries for i in range(len(parts)))
 
 
 register_method("houlsby", HoulsbyConfig, "additive")(_build)

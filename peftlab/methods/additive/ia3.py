@@ -210,10 +210,6 @@ class IA3Delta(Delta):
 
 def _build(model: nn.Module, cfg: IA3Config) -> dict[str, Delta]:
     modules = select_modules(model, cfg, default=DEFAULT_TARGETS, accept=is_linear, what="Linear or Conv1D layer")
-    if cfg.modules_to_save:
-        modules = {n: m for n, m in modules.items() if not _inside_any(n, cfg.modules_to_save)}
-        if not modules:
-            raise TargetError(f"ia3: every target is inside modules_to_save={cfg.modules_to_save}")
     feedforward = cfg.feedforward if cfg.feedforward is not None else DEFAULT_FEEDFORWARD
     if cfg.feedforward:
         for e in cfg.feedforward:
@@ -223,11 +219,6 @@ def _build(model: nn.Module, cfg: IA3Config) -> dict[str, Delta]:
                     f"(feed-forward modules must be among the targets; targeted: {', '.join(list(modules)[:6])}...)"
                 )
     return {n: IA3Delta(m, any(entry_matches(e, n) for e in feedforward)) for n, m in modules.items()}
-
-
-def _inside_any(name: str, entries: list[str]) -> bool:
-    parts = name.split(".")
-    return any(entry_matches(e, ".".join(parts[: i + 1])) for e in entries for i in range(len(parts)))
 
 
 register_method("ia3", IA3Config, "additive")(_build)

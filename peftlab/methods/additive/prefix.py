@@ -80,8 +80,12 @@ class PrefixConfig(AdapterConfig):
     """Prefix tuning: ``length`` virtual key/value rows per self-attention layer.
 
     projection: reparameterize P = MLP(P') while training (P' ∈ R^{p×token_dim}, MLP hidden ``hidden``).
-    init: ``random`` (N(0, 1), PEFT's default), ``zero``, or ``tokens`` (the keys and values the base
-        model computes for ``length`` random vocabulary tokens: the paper's "real words" init).
+    init: ``tokens`` (the keys and values the base model computes for ``length`` random vocabulary
+        tokens: the paper's "real words" init), ``random`` (N(0, 1), PEFT's default) or ``zero``.
+        Unset, it is ``tokens`` without the projection and ``random`` with it. We deviate from PEFT's
+        default on purpose: N(0, 1) keys and values swamp a pretrained model's attention (SmolLM2's
+        held-out Alpaca loss goes from 2.44 to 8.70 at init and is still 5.46 after 12 steps, where
+        ``tokens`` starts at 2.62 and reaches 1.91).
     encoder: encoder-decoders only, also prefix the encoder's self-attention (peftlab-only files).
     offset_positions: real tokens start at position ``length`` (True, PEFT's and the paper's) or 0.
     num_layers, token_dim, num_attention_heads, num_transformer_submodules, task_type: PEFT's geometry
@@ -93,10 +97,11 @@ class PrefixConfig(AdapterConfig):
 
     method = "prefix"
     identity_at_init = False
+    peft_module_prefix = "base_model."  # PEFT's prompt-learning wrapper holds the model directly
     length: int = 20
     projection: bool = False
     hidden: int = 512
-    init: str = "random"
+    init: str | None = None
     encoder: bool = False
     offset_positions: bool = True
     num_layers: int | None = None
@@ -114,8 +119,13 @@ class PrefixConfig(AdapterConfig):
             self._check(isinstance(v, int) and not isinstance(v, bool) and v > 0, name, "a positive int")
         for name in ("projection", "encoder", "offset_positions"):
             self._check(isinstance(getattr(self, name), bool), name, "true or false")
-        self._check(self.init in INITS, "init", f"one of {', '.join(INITS)}")
+        self._check(self.init is None or self.init in INITS, "init", f"one of {', '.join(INITS)}")
         self._check(not (self.init == "tokens" and self.projection), "init", "random or zero with projection")
+
+    @property
+    def effective_init(self) -> str:
+        """``init``, or its default: ``tokens`` for a direct prefix, ``random`` with the projection."""
+        return self.init or ("random" if self.projection else "tokens")
         for name in ("num_layers", "token_dim", "num_attention_heads"):
             v = getattr(self, name)
             self._check(v is None or (isinstance(v, int) and v > 0), name, "None or a positive int")
@@ -138,7 +148,7 @@ class PrefixConfig(AdapterConfig):
             "num_transformer_submodules": self.num_transformer_submodules,
             "encoder_hidden_size": self.hidden,
             "prefix_projection": self.projection,
-            "init_weights": "zero" if self.init == "zero" else None,
+            "init_weights": "zero" if self.effective_init == "zero" else None,
             "modules_to_save": _heads_to_peft(self.modules_to_save),
             "inference_mode": True,
             "base_model_name_or_path": None,
@@ -252,19 +262,19 @@ class PrefixDelta(ModelDelta):
             self.transform = nn.Sequential(
                 nn.Linear(cfg.token_dim, cfg.hidden), nn.Tanh(), nn.Linear(cfg.hidden, width)
             )
-            if cfg.init == "zero":
+            if cfg.effective_init == "zero":
                 nn.init.zeros_(self.transform[2].weight)
                 nn.init.zeros_(self.transform[2].bias)
         else:
             self.prompt_embeddings = nn.Parameter(torch.zeros(cfg.length, width))
-            if cfg.init == "random":
+            if cfg.effective_init == "random":
                 nn.init.normal_(self.prompt_embeddings)
-            elif cfg.init == "tokens":
+            elif cfg.effective_init == "tokens":
                 with torch.no_grad():
                     self.prompt_embeddings.copy_(_token_prefix(model, cfg))
         if cfg.encoder:
             self.encoder_prompt_embeddings = nn.Parameter(torch.zeros(cfg.length, width))
-            if cfg.init != "zero":  # "tokens" initializes the decoder prefix only
+            if cfg.effective_init != "zero":  # "tokens" initializes the decoder prefix only
                 nn.init.normal_(self.encoder_prompt_embeddings)
 
     # -- parameters ---------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from peftlab.core.delta import Delta, HeadCopy
 from peftlab.core.io import register_peft_format
 from peftlab.core.layers import is_adaptable_layer, layer_info, to_module_layout, weight_out_in
 from peftlab.core.registry import register_method
-from peftlab.core.targeting import TargetError, entry_matches, is_linear, select_modules
+from peftlab.core.targeting import entry_matches, is_linear, select_modules
 
 #: Query and value projections of the common architectures (Llama, BERT, GPT-2, T5, ViT).
 DEFAULT_TARGETS = ["q_proj", "v_proj", "query", "value", "c_attn", "q", "v"]
@@ -530,10 +530,6 @@ def _build(model: nn.Module, cfg: LoraConfig) -> dict[str, Delta]:
     else:
         accept, what = is_adaptable_layer, "Linear, Conv1D, Embedding or Conv2d layer"
     modules = select_modules(model, cfg, default=DEFAULT_TARGETS, accept=accept, what=what)
-    if cfg.modules_to_save:  # as PEFT: a module that gets a trainable copy is never also a LoRA target
-        modules = {n: m for n, m in modules.items() if not _inside_any(n, cfg.modules_to_save)}
-        if not modules:
-            raise TargetError(f"{cfg.method}: every target is inside modules_to_save={cfg.modules_to_save}")
     placed: dict[str, Delta] = {}
     for name, module in modules.items():
         kind = layer_info(module).kind
@@ -546,13 +542,6 @@ def _build(model: nn.Module, cfg: LoraConfig) -> dict[str, Delta]:
         else:
             placed[name] = LoraLinear(module, cfg)
     return placed
-
-
-def _inside_any(name: str, entries: list[str]) -> bool:
-    """Whether module ``name`` is, or lies inside, a module matched by one of ``entries``."""
-    parts = name.split(".")
-    prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
-    return any(entry_matches(e, p) for e in entries for p in prefixes)
 
 
 register_method("lora", LoraConfig, "reparam")(_build)

@@ -27,7 +27,7 @@ from torch import nn
 from peftlab.core.config import AdapterConfig
 from peftlab.core.delta import Delta
 from peftlab.core.registry import register_method
-from peftlab.core.targeting import TargetError, entry_matches, is_linear, select_modules
+from peftlab.core.targeting import TargetError, is_linear, select_modules
 
 #: Layers whose bias is a plain additive term of the output, channel in the last dimension.
 _TRAILING = (nn.LayerNorm, nn.Linear)
@@ -114,16 +114,7 @@ def _build(model: nn.Module, cfg: BitFitConfig) -> dict[str, Delta]:
         )
     modules = select_modules(model, cfg, default=["re:.*"], accept=lambda m: _bias_layout(m) is not None,
                              what="layer with a bias (Linear, Conv1D, Conv, LayerNorm, GroupNorm, BatchNorm)")
-    if cfg.modules_to_save:  # a head with a trainable copy trains its bias there already
-        modules = {n: m for n, m in modules.items() if not _inside_any(n, cfg.modules_to_save)}
-        if not modules:
-            raise TargetError(f"bitfit: every target is inside modules_to_save={cfg.modules_to_save}")
     return {name: BiasDelta(module) for name, module in modules.items()}
-
-
-def _inside_any(name: str, entries: list[str]) -> bool:
-    parts = name.split(".")
-    return any(entry_matches(e, ".".join(parts[: i + 1])) for e in entries for i in range(len(parts)))
 
 
 register_method("bitfit", BitFitConfig, "selective")(_build)
