@@ -69,17 +69,23 @@ def main_output(model, ids: torch.Tensor = IDS, **kw) -> torch.Tensor:
         return first_output(model(input_ids=ids, **kw))
 
 
-def assert_mixed_batch_equals_per_adapter(pm, names: list, ids: torch.Tensor = IDS, atol: float = 1e-5) -> None:
+def assert_mixed_batch_equals_per_adapter(pm, names: list, batch: dict | None = None, atol: float = 1e-5) -> None:
     """Row i of a mixed batch routed by ``names`` (None: no adapter) equals row i of the whole batch
-    run with adapter ``names[i]`` alone."""
-    mixed = main_output(pm, ids, adapter_names=names)
+    run with adapter ``names[i]`` alone. ``batch`` defaults to ``{"input_ids": IDS}``."""
+    batch = batch if batch is not None else {"input_ids": IDS}
+
+    def run(**kw):
+        with torch.no_grad():
+            return first_output(pm(**batch, **kw))
+
+    mixed = run(adapter_names=names)
     for i, name in enumerate(names):
         if name is None:
             with pm.disable_adapters():
-                ref = main_output(pm, ids)
+                ref = run()
         else:
             pm.set_adapter(name)
-            ref = main_output(pm, ids)
+            ref = run()
         assert (mixed[i] - ref[i]).abs().max().item() <= atol, (i, name)
 
 

@@ -8,7 +8,7 @@ import torch
 import peftlab
 from peftlab.core.dispatch import _routed_sequential
 
-from conftest import first_output, randomize_adapter
+from conftest import assert_mixed_batch_equals_per_adapter, first_output, randomize_adapter
 
 
 @pytest.fixture
@@ -57,17 +57,7 @@ def test_only_active_adapter_is_trainable(three_adapters):
 
 def test_mixed_batch_equals_per_adapter_outputs(three_adapters):
     pm, batch = three_adapters
-    names = ["a", "c", None]
-    with torch.no_grad():
-        mixed = _out(pm, batch, adapter_names=names)
-        for row, name in enumerate(names):
-            if name is None:
-                with pm.disable_adapters():
-                    ref = _out(pm, batch)
-            else:
-                pm.set_adapter(name)
-                ref = _out(pm, batch)
-            torch.testing.assert_close(mixed[row], ref[row], atol=1e-5, rtol=0)
+    assert_mixed_batch_equals_per_adapter(pm, ["a", "c", None], batch)
 
 
 def test_mixed_batch_gradients_reach_each_rows_adapter(three_adapters):
