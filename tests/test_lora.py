@@ -151,13 +151,42 @@ def test_dropout_trains_without_copying_input_and_is_deterministic_under_seed():
     torch.manual_seed(1)
     y2 = model.proj(x)
     torch.testing.assert_close(y1, y2)
-    # gradient of the seeded-mask path equals autograd through an explicit mask
-    d = _delta(pm, "proj")
-    y1.sum().backward()
-    gA = d.lora_A.weight.grad.clone()
     pm.eval()
     assert not torch.allclose(model.proj(x), y2), "eval mode has no dropout"
-    assert gA.abs().sum() > 0
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_seeded_dropout_gradients_equal_autograd_through_the_explicit_mask(p):
+    from peftlab.methods.reparam.lora import _DropoutThenLinear, keep_mask
+
+    x = torch.randn(3, 5, 12, requires_grad=True)
+    A = torch.randn(4, 12, requires_grad=True)
+    out = _DropoutThenLinear.apply(x, A, p, 1234)
+    g = torch.randn_like(out)
+    gx, gA = torch.autograd.grad(out, (x, A), g)
+
+    keep, scale = keep_mask(x.shape, x.device, p, 1234)
+    ref = torch.nn.functional.linear(x * keep * scale, A)
+    rx, rA = torch.autograd.grad(ref, (x, A), g)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx, rx, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gA, rA, atol=1e-5, rtol=1e-5)
+    assert not keep.all() and keep.any()
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
+def test_keep_mask_drops_p_of_entries_uniformly_and_is_unbiased(p):
+    from peftlab.methods.reparam.lora import keep_mask
+
+    keep, scale = keep_mask((400, 1000), torch.device("cpu"), p, seed=7)
+    assert torch.equal(keep, keep_mask((400, 1000), torch.device("cpu"), p, seed=7)[0])  # a function of the seed
+    assert not torch.equal(keep, keep_mask((400, 1000), torch.device("cpu"), p, seed=8)[0])
+    sd = (p * (1 - p) / keep.numel()) ** 0.5
+    assert abs((1 - keep.float().mean().item()) - p) < 5 * sd + 2**-15
+    assert abs(keep.float().mean().item() * scale - 1) < 5 * sd / (1 - p) + 1e-6  # E[mask * scale] = 1
+    # Four draws share one random int64: every position in the group of four drops at rate p.
+    for j in range(4):
+        assert abs((1 - keep.reshape(-1, 4)[:, j].float().mean().item()) - p) < 5 * 2 * sd + 2**-15
 
 
 def test_param_groups_loraplus(tiny):

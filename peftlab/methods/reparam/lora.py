@@ -235,34 +235,52 @@ register_peft_format("LORA", _config_from_peft)
 class _DropoutThenLinear(torch.autograd.Function):
     """``F.linear(dropout(x), A)`` that keeps no dropped copy of x for backward.
 
-    The mask is regenerated from a seed in backward, and x is saved only when A needs a gradient,
-    so dropout costs no activation memory and LoRA-FA (frozen A) keeps nothing but A x."""
+    The mask is regenerated from a seed in backward (once, for both gradients), and x is saved only
+    when A needs a gradient, so dropout costs no activation memory and LoRA-FA (frozen A) keeps
+    nothing but A x. The 1/(1 − p) rescale is applied to the r-dim output, not to x."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, p: float, seed: int) -> torch.Tensor:  # type: ignore[override]
         ctx.p, ctx.seed = p, seed
         ctx.save_for_backward(x if weight.requires_grad else None, weight)
-        return F.linear(_dropped(x, p, seed), weight)
+        if p == 0:
+            return F.linear(x, weight)
+        keep, scale = keep_mask(x.shape, x.device, p, seed)
+        return F.linear(x * keep, weight) * scale
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         x, weight = ctx.saved_tensors
+        keep, scale = None, 1.0
+        if ctx.p > 0:
+            keep, scale = keep_mask((*grad.shape[:-1], weight.shape[1]), grad.device, ctx.p, ctx.seed)
+            grad = grad * scale
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = _dropped(grad @ weight, ctx.p, ctx.seed)
+            grad_x = grad @ weight if keep is None else (grad @ weight) * keep
         if ctx.needs_input_grad[1]:
-            xd = _dropped(x, ctx.p, ctx.seed)
+            xd = x if keep is None else x * keep
             grad_w = grad.reshape(-1, grad.shape[-1]).T @ xd.reshape(-1, xd.shape[-1])
         return grad_x, grad_w, None, None
 
 
-def _dropped(t: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """t ⊙ mask / (1 − p) with a mask that depends only on (seed, shape, device)."""
-    if p == 0:
-        return t
-    gen = torch.Generator(device=t.device).manual_seed(seed)
-    keep = torch.empty(t.shape, device=t.device, dtype=t.dtype).bernoulli_(1 - p, generator=gen)
-    return t * keep.div_(1 - p)
+def keep_mask(shape: Sequence[int], device: torch.device, p: float, seed: int) -> tuple[torch.Tensor, float]:
+    """A dropout keep-mask of ``shape`` that depends only on (seed, shape, device), and the rescale
+    1/P(keep).
+
+    The mask compares 15-bit uniform integers with round(p · 2¹⁵), so P(drop) is p to within 2⁻¹⁶ and
+    the rescale uses the exact P(keep): E[mask · scale] = 1. Four 15-bit draws come from one random
+    int64 on CPU, about six times faster than ``bernoulli_`` (the mask is made twice per step).
+    """
+    threshold = min(round(p * 32768), 32767)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    if torch.device(device).type == "cpu":
+        n = math.prod(shape)
+        words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(generator=gen)
+        bits = words.view(torch.int16)[:n].view(tuple(shape)).bitwise_and_(0x7FFF)  # an int64's top bit is 0
+    else:  # accelerators draw fast enough one int16 in [0, 2¹⁵) at a time
+        bits = torch.empty(tuple(shape), dtype=torch.int16, device=device).random_(generator=gen)
+    return bits >= threshold, 32768 / (32768 - threshold)
 
 
 def lora_down(x: torch.Tensor, A: torch.Tensor, p: float, training: bool) -> torch.Tensor:
