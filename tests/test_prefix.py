@@ -321,8 +321,6 @@ def test_positions(offset):
         assert (batch[1, 2:] - pm(input_ids=ids[1:, 2:]).logits[0]).abs().max() <= TOL
         assert_same_run(generate(pm, input_ids=ids, attention_mask=mask, max_new_tokens=4),
                         greedy_loop(pm, ids, mask, 4))
-    with pytest.raises(TypeError, match="keyword"):
-        pm(ids)
 
 
 def test_per_row_prefixes_in_one_batch():
@@ -505,3 +503,38 @@ def test_our_seq_cls_file_with_trained_head_loads_in_peft(tmp_path):
         ours = pm(input_ids=ids, attention_mask=mask).logits
         assert (ours - pp(input_ids=ids, attention_mask=mask).logits).abs().max() <= TOL
         assert (ours - bert_cls()(input_ids=ids, attention_mask=mask).logits).abs().max() > 1e-3
+
+
+def test_positional_input_ids_get_the_prefix_too():
+    pm = peftlab.apply(llama(), PrefixConfig(length=4))
+    ids, mask = ids_and_mask()
+    with torch.no_grad():
+        named = pm(input_ids=ids, attention_mask=mask).logits
+        positional = pm(ids, mask).logits
+        with pm.disable_adapters():
+            base = pm(ids, mask).logits
+        generated = pm.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+        assert torch.equal(generated, pm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False))
+    torch.testing.assert_close(positional, named, atol=0, rtol=0)
+    assert (positional - base).abs().max() > 1e-3  # the prefix really acted
+
+
+def test_drop_projection_on_a_live_model_keeps_outputs_and_trainable_bookkeeping():
+    pm = peftlab.apply(llama(), PrefixConfig(length=4, projection=True, hidden=8), adapter_name="a")
+    pm.add_adapter("b", PrefixConfig(length=2))
+    pm.set_adapter("a")
+    ids, mask = ids_and_mask()
+    with torch.no_grad():
+        before = pm(input_ids=ids, attention_mask=mask).logits
+    d = delta(pm, "a")
+    width = d.layers * 2 * d.token_dim
+    d.drop_projection()
+    with torch.no_grad():
+        torch.testing.assert_close(pm(input_ids=ids, attention_mask=mask).logits, before, atol=1e-6, rtol=0)
+    assert pm.report("a")["trainable_params"] == 4 * width  # P only, the MLP is gone
+    trainable = [p for p in pm.parameters() if p.requires_grad]
+    assert [p.shape for p in trainable] == [(4, width)]
+    pm.set_adapter("b")
+    assert not d.prompt_embeddings.requires_grad
+    pm.set_adapter("a")
+    assert d.prompt_embeddings.requires_grad

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 def adapter_report(pm: "PeftModel", name: str) -> dict[str, Any]:
     placement = pm.placements[name]
     store = pm.adapter_modules[name]
-    trainable = sum(p.numel() for p, flag in pm._trainable[name].items() if flag)
+    trainable = sum(p.numel() for p, flag in pm.adapter_parameters(name) if flag)
     adapter_params = sum(p.numel() for p in store.parameters())
     base_params = sum(p.numel() for p in pm.model.parameters())
     changed = 0

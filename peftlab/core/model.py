@@ -9,6 +9,7 @@ gives it back unchanged.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -133,7 +134,7 @@ class PeftModel(nn.Module):
         self.adapter_modules[adapter_name] = store
         self.configs[adapter_name] = cfg
         self.placements[adapter_name] = placement
-        self._trainable[adapter_name] = {p: p.requires_grad for p in store.parameters()}
+        self._trainable[adapter_name] = {n: p.requires_grad for n, p in store.named_parameters()}
         for p in store.parameters():
             p.requires_grad_(False)
         for _, module_name, delta in placement:
@@ -147,6 +148,15 @@ class PeftModel(nn.Module):
             disp.add(adapter_name, delta)
         self._state.touch()
 
+    def adapter_parameters(self, adapter_name: str) -> Iterator[tuple[nn.Parameter, bool]]:
+        """``(parameter, trainable)`` for each parameter of an adapter, whether or not it is active.
+
+        Looked up by name, so a delta that replaces its parameters after it was installed (a prefix
+        dropping its MLP) stays consistent; a parameter added later counts as trainable."""
+        flags = self._trainable[adapter_name]
+        for n, p in self.adapter_modules[adapter_name].named_parameters():
+            yield p, flags.get(n, True)
+
     def set_adapter(self, adapter_names: str | Sequence[str]) -> None:
         """Activate one adapter, or several (their outputs are summed / applied in order).
 
@@ -155,8 +165,8 @@ class PeftModel(nn.Module):
         self._require(names)
         if self._state.merged and set(names) != set(self._state.active):
             raise RuntimeError(f"adapters {self._state.merged} are merged; unmerge() before switching adapters")
-        for name, flags in self._trainable.items():
-            for p, trainable in flags.items():
+        for name in self._trainable:
+            for p, trainable in self.adapter_parameters(name):
                 p.requires_grad_(trainable and name in names)
         self._state.active = names
         self._state.touch()
@@ -220,6 +230,31 @@ class PeftModel(nn.Module):
             if not keep:
                 st.routing = None
 
+    def _name_positional(self, fn: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        """Model-site deltas rewrite named arguments (``input_ids``, ``attention_mask``, the cache...),
+        so when one is in play, positional arguments are first given their names from ``fn``'s
+        signature; otherwise the call passes through untouched."""
+        st = self._state
+        names = st.routing.names if st.routing is not None else st.active
+        if not args or st.disabled or not any(
+            d.site == "model" for n in names if n is not None and n in self.placements for _, _, d in self.placements[n]
+        ):
+            return args, kwargs
+        sig = inspect.signature(fn)
+        if any(p.kind is p.VAR_POSITIONAL for p in sig.parameters.values()):
+            return args, kwargs  # nothing to name them by
+        try:
+            bound = sig.bind_partial(*args, **kwargs)
+        except TypeError as e:
+            raise TypeError(f"{type(self.model).__name__}.{fn.__name__}: {e}") from e
+        named = dict(bound.arguments)
+        for name, p in sig.parameters.items():
+            if p.kind is p.VAR_KEYWORD and name in named:
+                named.update(named.pop(name))
+        if "inputs" in named and fn.__name__ == "generate":  # generate(inputs) means the main input
+            named[getattr(self.model, "main_input_name", "input_ids")] = named.pop("inputs")
+        return (), named
+
     def _prepare_model_call(self, kwargs: dict[str, Any], generating: bool) -> dict[str, Any]:
         """Let the active model-site deltas (prefixes...) rewrite the call; per row when routed."""
         st = self._state
@@ -242,12 +277,14 @@ class PeftModel(nn.Module):
         """Call the base model with the active adapters, or with one adapter per row
         (``adapter_names[i]`` for row i; ``None`` or ``"__base__"`` for the base model)."""
         with self._call_context(adapter_names):
+            args, kwargs = self._name_positional(self.model.forward, args, kwargs)
             kwargs = self._prepare_model_call(kwargs, generating=False)
             return self.model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: Sequence[str | None] | None = None, **kwargs: Any) -> Any:
         """``model.generate`` with the active adapters (or one per row)."""
         with self._call_context(adapter_names):
+            args, kwargs = self._name_positional(self.model.generate, args, kwargs)
             kwargs = self._prepare_model_call(kwargs, generating=True)
             return self.model.generate(*args, **kwargs)
 

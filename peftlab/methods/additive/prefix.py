@@ -510,7 +510,7 @@ def _batch_size(kw: dict) -> int:
             return kw[key].shape[0]
     if kw.get("encoder_outputs") is not None:
         return kw["encoder_outputs"][0].shape[0]
-    raise TypeError("prefix tuning needs input_ids= or inputs_embeds= passed by keyword")
+    raise TypeError("prefix tuning needs input_ids or inputs_embeds (the model call had neither)")
 
 
 def _device(kw: dict) -> torch.device:
@@ -529,7 +529,7 @@ def _new_len(kw: dict, enc_dec: bool) -> int:
         return kw["labels"].shape[1]
     if enc_dec:
         return 1  # generate starts the decoder with one token
-    raise TypeError("prefix tuning needs input_ids= or inputs_embeds= passed by keyword")
+    raise TypeError("prefix tuning needs input_ids or inputs_embeds (the model call had neither)")
 
 
 def _mask_key(enc_dec: bool) -> str:
