@@ -118,3 +118,18 @@ def assert_student_learns_teacher(model, method: str, lr: float, ids: torch.Tens
     assert all(p.grad is None for p in model.parameters())
     assert all(p.grad is None for p in pm.adapter_modules["teacher"].parameters())
     return params
+
+
+def spy_on_routed(monkeypatch, delta_cls) -> list:
+    """Record, for each call of ``delta_cls.forward_routed``, whether it computed the mixed batch
+    itself (True) or handed it back to the dispatcher's one-sub-batch-per-adapter loop (False)."""
+    calls: list[bool] = []
+    original = delta_cls.forward_routed.__func__
+
+    def spy(cls, *args):
+        result = original(cls, *args)
+        calls.append(result is not None)
+        return result
+
+    monkeypatch.setattr(delta_cls, "forward_routed", classmethod(spy))
+    return calls

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import peftlab
-from conftest import add_noise_to_biases, assert_mixed_batch_equals_per_adapter, assert_student_learns_teacher, main_output, randomize_adapter, tiny_net
+from conftest import add_noise_to_biases, assert_mixed_batch_equals_per_adapter, spy_on_routed, assert_student_learns_teacher, main_output, randomize_adapter, tiny_net
 from peftlab.core import io
 from peftlab.methods.selective.bitfit import BiasDelta, BitFitConfig
 
@@ -206,15 +206,7 @@ def test_adapters_coexist_and_mixed_batch_is_gathered(monkeypatch):
     da, db = delta_at(pm, "encoder.layer.0.attention.self.query", "a"), delta_at(pm, "encoder.layer.0.attention.self.query", "b")
     torch.testing.assert_close(q(x), x @ q.weight.T + q.bias + da.delta_bias + db.delta_bias, atol=1e-6, rtol=1e-5)
 
-    calls = []
-    original = BiasDelta.forward_routed.__func__
-
-    def spy(cls, *args):
-        res = original(cls, *args)
-        calls.append(res is not None)
-        return res
-
-    monkeypatch.setattr(BiasDelta, "forward_routed", classmethod(spy))
+    calls = spy_on_routed(monkeypatch, BiasDelta)
     names = ["a", None, "b"]
     assert_mixed_batch_equals_per_adapter(pm, names)
     assert calls and all(calls)  # every routed bias delta took the gathered path

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import peftlab
-from conftest import assert_mixed_batch_equals_per_adapter, assert_student_learns_teacher, main_output, randomize_adapter, tiny_net
+from conftest import assert_mixed_batch_equals_per_adapter, spy_on_routed, assert_student_learns_teacher, main_output, randomize_adapter, tiny_net
 from peftlab.core.targeting import layer_index
 from peftlab.methods.additive.houlsby import HoulsbyAdapter, HoulsbyConfig
 
@@ -143,13 +143,16 @@ def test_merge_refused_and_unload_bit_identical():
 
 # -- mixed batches ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["gpt2", "bert"])
-def test_mixed_batch_equals_per_adapter(kind):
+@pytest.mark.parametrize("activation_b", ["relu", "silu"])
+def test_mixed_batch_equals_per_adapter(kind, activation_b, monkeypatch):
+    """Gathered bmm when the activations agree (bottlenecks 8 and 3, zero-padded), else sub-batches."""
+    calls = spy_on_routed(monkeypatch, HoulsbyAdapter)
     pm = peftlab.apply(tiny_net(kind), "houlsby[reduction_factor=4]", adapter_name="a")
-    pm.add_adapter("b", HoulsbyConfig(r=3, activation="silu"))
+    pm.add_adapter("b", HoulsbyConfig(r=3, activation=activation_b))
     randomize(pm, "a", seed=1)
     randomize(pm, "b", seed=2)
-    names = ["a", "b", None]
-    assert_mixed_batch_equals_per_adapter(pm, names)
+    assert_mixed_batch_equals_per_adapter(pm, ["a", "b", None])
+    assert calls and all(calls) == (activation_b == "relu") and any(calls) == (activation_b == "relu")
 
 
 # -- 5. it trains ---------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import peftlab
-from conftest import assert_mixed_batch_equals_per_adapter, assert_student_learns_teacher, main_output, randomize_adapter, tiny_net
+from conftest import assert_mixed_batch_equals_per_adapter, spy_on_routed, assert_student_learns_teacher, main_output, randomize_adapter, tiny_net
 from peftlab.core import io
 from peftlab.methods.additive.ia3 import IA3Config, IA3Delta
 
@@ -274,13 +274,15 @@ def test_peft_bert_feedforward_quirk_is_reproduced(tmp_path):
 
 
 # -- mixed batches ------------------------------------------------------------------------------------
-def test_mixed_batch_equals_per_adapter():
+def test_mixed_batch_equals_per_adapter(monkeypatch):
+    calls = spy_on_routed(monkeypatch, IA3Delta)
     pm = peftlab.apply(llama(), "ia3", adapter_name="a")
     pm.add_adapter("b", "ia3[targets=k_proj|v_proj|down_proj|up_proj,feedforward=down_proj]")
     randomize(pm, "a", seed=1)
     randomize(pm, "b", seed=2)
     names = ["b", None, "a"]
     assert_mixed_batch_equals_per_adapter(pm, names)
+    assert calls and all(calls)  # output and input sites both took the gathered path
 
 
 # -- 5. it trains ---------------------------------------------------------------------------------------

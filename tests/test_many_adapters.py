@@ -8,7 +8,7 @@ import torch
 import peftlab
 from peftlab.core.dispatch import _routed_sequential
 
-from conftest import assert_mixed_batch_equals_per_adapter, first_output, randomize_adapter
+from conftest import assert_mixed_batch_equals_per_adapter, first_output, randomize_adapter, spy_on_routed
 
 
 @pytest.fixture
@@ -139,3 +139,35 @@ def test_torch_compile_sees_hooks(tiny):
         eager = first_output(pm(**batch))
         compiled = torch.compile(pm.model, backend="aot_eager")
         torch.testing.assert_close(first_output(compiled(**batch)), eager, atol=1e-5, rtol=1e-5)
+
+
+def test_mixed_batch_with_lora_dropout_trains_on_the_gathered_path(monkeypatch):
+    """Training with dropout stays on the gathered path: base rows are exact, adapter rows are
+    dropped (unbiased: the mean over many draws is the eval output, the delta being linear in x)."""
+    from peftlab.methods.reparam.lora import LoraLinear
+
+    calls = spy_on_routed(monkeypatch, LoraLinear)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8))
+    pm = peftlab.apply(model, "lora[r=4,dropout=0.3,targets=0]", adapter_name="a")
+    pm.add_adapter("b", "lora[r=2,dropout=0.3,targets=0]")
+    randomize_adapter(pm, "a", std=0.5, seed=1)
+    randomize_adapter(pm, "b", std=0.5, seed=2)
+    x = torch.randn(3, 16)
+    names = ["a", None, "b"]
+    pm.eval()
+    with torch.no_grad(), pm.disable_adapters():
+        base = model(x)
+    with torch.no_grad():
+        expected = pm(x, adapter_names=names)
+    pm.train()
+    pm.set_adapter(["a", "b"])
+    draws = [pm(x, adapter_names=names) for _ in range(400)]
+    assert calls and all(calls)
+    torch.testing.assert_close(draws[0][1], base[1], atol=0, rtol=0)
+    assert not torch.allclose(draws[0], draws[1])
+    mean = torch.stack(draws).mean(0).detach()
+    assert (mean - expected).abs().max() < 0.1 * (expected - base).abs().max()
+    draws[0].sum().backward()
+    grads = {n: pm.adapter_modules[n]["0"].lora_A.weight.grad for n in ("a", "b")}
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values())

@@ -72,15 +72,28 @@ class Delta(nn.Module):
 
     @classmethod
     def forward_routed(
-        cls, deltas: Sequence["Delta | None"], slot: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+        cls, deltas: Sequence["Delta | None"], slot: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None
     ) -> torch.Tensor | None:
-        """Per-row adapters in one batched computation (parallel sites only).
+        """Per-row adapters in one batched computation.
 
         ``deltas[k]`` serves the rows where ``slot == k`` (``None``: no delta for that slot); rows
-        with ``slot == -1`` use the base. Return the summed Δ for the whole batch, or ``None`` to
-        let the dispatcher fall back to one sub-batch per adapter.
+        with ``slot == -1`` use the base. Return, for the whole batch, what the site computes:
+        parallel: the Δ to add to y; output: the new y; input (``y`` is None): the new x. Return
+        ``None`` to let the dispatcher fall back to one sub-batch per adapter.
         """
         return None
+
+
+def per_row(values: Sequence[torch.Tensor | None], slot: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """Row i gets ``values[slot[i]]``, or ``fill`` where ``slot[i] == -1`` or the value is None:
+    one gather from the (K + 1, ...) stack [fill; values]. Shapes must agree (pad ranks first)."""
+    stacked = torch.stack([fill] + [fill if v is None else v for v in values])
+    return stacked.index_select(0, slot + 1)
+
+
+def broadcast_rows(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """View per-row features (batch, n) so they broadcast over ``like`` = (batch, ..., n)."""
+    return rows.view(rows.shape[0], *([1] * (like.dim() - 2)), rows.shape[-1])
 
 
 class ModelDelta(nn.Module):

@@ -184,9 +184,17 @@ def _routed_parallel(slots: list[list[Delta]], slot: torch.Tensor, x: torch.Tens
 def _routed_sequential(
     slots: list[list[Delta]], slot: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None, input_site: bool
 ) -> torch.Tensor:
-    """Each row through its own input- or output-site deltas, one sub-batch per adapter."""
+    """Each row through its own input- or output-site deltas: batched when the delta class allows,
+    else one sub-batch per adapter."""
     target = x if input_site else y
     assert target is not None
+    singles = [s[0] if s else None for s in slots]
+    present = [d for d in singles if d is not None]
+    batched = getattr(type(present[0]), "forward_routed", None) if present else None
+    if batched and all(len(s) <= 1 for s in slots) and all(type(d) is type(present[0]) for d in present):
+        fast = batched(singles, slot, x, None if input_site else y)
+        if fast is not None:
+            return fast
     result = target
     for k, deltas in enumerate(slots):
         rows = (slot == k).nonzero().squeeze(1)

@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from peftlab.core.config import AdapterConfig
-from peftlab.core.delta import Delta
+from peftlab.core.delta import Delta, per_row
 from peftlab.core.layers import layer_info
 from peftlab.core.registry import register_method
 from peftlab.core.targeting import is_linear, select_modules
@@ -97,6 +97,37 @@ class HoulsbyAdapter(Delta):
         out = bottleneck_adapter(y.to(w.dtype), w, self.adapter_down.bias, self.adapter_up.weight,
                                  self.adapter_up.bias, ACTIVATIONS[self.activation])
         return out.to(y.dtype)
+
+    @classmethod
+    def forward_routed(
+        cls, deltas: Sequence[Delta | None], slot: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """Mixed batch as two gathered batched matmuls: row i uses the down/up weights of its slot.
+
+        Bottlenecks are zero-padded to the widest; a zero row (slot −1, or padding) adds σ(0)·0 = 0,
+        since every activation here has σ(0) = 0. Adapters with different activations are not
+        batched (the dispatcher then runs one sub-batch per adapter)."""
+        present = [d for d in deltas if d is not None]
+        if y is None or len({d.activation for d in present}) != 1:  # type: ignore[union-attr]
+            return None
+        r = max(d.r for d in present)  # type: ignore[union-attr]
+        ref = present[0].adapter_down  # type: ignore[union-attr]
+        d_model = ref.weight.shape[1]
+
+        def padded(d: HoulsbyAdapter) -> tuple[torch.Tensor, ...]:  # bottleneck zero-padded to r
+            extra = r - d.r
+            return (F.pad(d.adapter_down.weight, (0, 0, 0, extra)), F.pad(d.adapter_down.bias, (0, extra)),
+                    F.pad(d.adapter_up.weight, (0, extra)), d.adapter_up.bias)
+
+        new = ref.weight.new_zeros
+        zeros = (new(r, d_model), new(r), new(d_model, r), new(d_model))
+        parts = [padded(d) if d is not None else None for d in deltas]  # type: ignore[arg-type]
+        down_w, down_b, up_w, up_b = (per_row([q[i] if q else None for q in parts], slot, z) for i, z in enumerate(zeros))
+        yf = y.reshape(y.shape[0], -1, d_model).to(ref.weight.dtype)  # (batch, tokens, d)
+        act = ACTIVATIONS[present[0].activation]  # type: ignore[union-attr]
+        h = act(torch.baddbmm(down_b.unsqueeze(1), yf, down_w.transpose(1, 2)))  # (batch, tokens, r)
+        out = yf + torch.baddbmm(up_b.unsqueeze(1), h, up_w.transpose(1, 2))
+        return out.reshape(y.shape).to(y.dtype)
 
     def extra_repr(self) -> str:
         return f"activation={self.activation}"

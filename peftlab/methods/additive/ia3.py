@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from peftlab.core.config import AdapterConfig, ConfigError
-from peftlab.core.delta import Delta
+from peftlab.core.delta import Delta, broadcast_rows, per_row
 from peftlab.core.io import register_peft_format
 from peftlab.core.layers import layer_info, to_module_layout, weight_out_in
 from peftlab.core.registry import register_method
@@ -182,6 +182,17 @@ class IA3Delta(Delta):
         t = x if self.feedforward else y
         assert t is not None
         return (t.to(self.ia3_l.dtype) * self.ia3_l).to(t.dtype)
+
+    @classmethod
+    def forward_routed(
+        cls, deltas: Sequence[Delta | None], slot: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """Mixed batch as one gather: row i is scaled by l of its slot (slot −1: ones)."""
+        present = [d for d in deltas if d is not None]
+        t = x if y is None else y
+        ref = present[0].ia3_l  # type: ignore[union-attr]
+        scale = per_row([d.ia3_l if d is not None else None for d in deltas], slot, torch.ones_like(ref))  # type: ignore[union-attr]
+        return (t.to(ref.dtype) * broadcast_rows(scale, t)).to(t.dtype)
 
     def file_state(self) -> dict[str, torch.Tensor]:
         return {"ia3_l": self.ia3_l.detach().reshape(self.file_shape)}

@@ -365,12 +365,15 @@ class LoraLinear(Delta):
         present = [d for d in deltas if d is not None]
         if not all(type(d) in (LoraLinear, DoraLinear) and not d.residual for d in present):
             return None
-        if any(d.training and d.p > 0 for d in present):
-            return None  # dropout per row: take the sub-batch path
+        dropout = {d.p if d.training else 0.0 for d in present}
+        if len(dropout) > 1:
+            return None  # different dropout rates per row: take the sub-batch path
         A, B, scale, mag = _stacked(deltas, x.dtype, torch.is_grad_enabled())
         index = slot + 1
         seq_shape = x.shape[1:-1]
         xf = x.reshape(x.shape[0], -1, x.shape[-1]).to(A.dtype)  # (batch, tokens, in)
+        if dropout != {0.0}:  # one mask over the batch is independent per row, as in the sub-batches
+            xf = F.dropout(xf, dropout.pop(), training=True)
         h = torch.bmm(xf, A.index_select(0, index).transpose(1, 2))  # (batch, tokens, r)
         h = h * scale.index_select(0, index).view(-1, 1, 1)
         out = torch.bmm(h, B.index_select(0, index).transpose(1, 2))  # (batch, tokens, out)

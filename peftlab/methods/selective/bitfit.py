@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from peftlab.core.config import AdapterConfig
-from peftlab.core.delta import Delta
+from peftlab.core.delta import Delta, per_row
 from peftlab.core.registry import register_method
 from peftlab.core.targeting import TargetError, is_linear, select_modules
 
@@ -98,9 +98,8 @@ class BiasDelta(Delta):
         if not present or not all(isinstance(d, BiasDelta) for d in present):
             return None
         ref = present[0]
-        zero = torch.zeros_like(ref.delta_bias)
-        stacked = torch.stack([zero] + [d.delta_bias if d is not None else zero for d in deltas])  # type: ignore[union-attr]
-        rows = stacked.index_select(0, slot + 1)  # (batch, *bias_shape)
+        rows = per_row([d.delta_bias if d is not None else None for d in deltas], slot,  # type: ignore[union-attr]
+                       torch.zeros_like(ref.delta_bias))  # (batch, *bias_shape)
         view = bias_delta_view(rows[0], ref.layout, y.dim()).shape
         return rows.reshape(rows.shape[0], *view).to(y.dtype)
 
