@@ -171,3 +171,22 @@ def test_mixed_batch_with_lora_dropout_trains_on_the_gathered_path(monkeypatch):
     draws[0].sum().backward()
     grads = {n: pm.adapter_modules[n]["0"].lora_A.weight.grad for n in ("a", "b")}
     assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+
+def test_repeated_mixed_calls_follow_weight_updates_and_adapter_changes(three_adapters):
+    """The routing and the gathered per-row weights are reused between calls with the same
+    adapter_names (a decoding loop); in-place updates, new routes and replaced adapters must show."""
+    pm, batch = three_adapters
+    names = ["a", "c", None]
+    with torch.no_grad():
+        first = _out(pm, batch, adapter_names=names)
+        assert torch.equal(_out(pm, batch, adapter_names=names), first)  # the cached path gives the same
+    randomize_adapter(pm, "a", seed=11)  # in place: same tensors, new versions
+    assert_mixed_batch_equals_per_adapter(pm, names, batch)
+    with torch.no_grad():
+        assert not torch.allclose(_out(pm, batch, adapter_names=names)[0], first[0])
+    assert_mixed_batch_equals_per_adapter(pm, ["c", "a", "b"], batch)
+    pm.delete_adapter("c")
+    pm.add_adapter("c", "lora[r=5,targets=q_proj|v_proj]")
+    randomize_adapter(pm, "c", seed=12)
+    assert_mixed_batch_equals_per_adapter(pm, names, batch)

@@ -61,6 +61,9 @@ class Dispatcher:
         self.deltas: dict[str, list[Delta]] = {}
         self._cache_version = -1
         self._active: dict[str, list[Delta]] = {}
+        self._slots_for: Routing | None = None  # the routing _slots_cache was made for (held, not an id)
+        self._slots_version = -1
+        self._slots_cache: dict[str, list[list[Delta]]] = {}
         # In-place addition is safe only on the fresh output of a plain layer, and only without autograd.
         self._inplace_ok = is_adaptable_layer(module)
         self._handles = [
@@ -97,8 +100,15 @@ class Dispatcher:
         return self._active
 
     def _slots(self, site: str) -> list[list[Delta]]:
+        """Per routed adapter name, this module's deltas of ``site`` (cached per routing and state)."""
         routing = self.state.routing
-        return [[d for d in self.deltas.get(n, ()) if d.site == site] for n in routing.names]  # type: ignore[union-attr]
+        if self._slots_for is not routing or self._slots_version != self.state.version:
+            self._slots_for, self._slots_version, self._slots_cache = routing, self.state.version, {}
+        if site not in self._slots_cache:
+            self._slots_cache[site] = [
+                [d for d in self.deltas.get(n, ()) if d.site == site] for n in routing.names  # type: ignore[union-attr]
+            ]
+        return self._slots_cache[site]
 
     # -- hooks ----------------------------------------------------------------------------------
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):

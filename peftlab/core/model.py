@@ -85,7 +85,8 @@ class PeftModel(nn.Module):
         self.adapter_modules = nn.ModuleDict()
         self.configs: dict[str, AdapterConfig | UnionConfig] = {}
         self.placements: dict[str, Placement] = {}
-        self._trainable: dict[str, dict[nn.Parameter, bool]] = {}
+        self._trainable: dict[str, dict[str, bool]] = {}
+        self._last_routing: tuple[tuple, Routing] | None = None
         self._merge_log: dict[str, list[tuple[nn.Module, nn.Module, dict[str, torch.Tensor] | None]]] = {}
         self._state = AdapterState()
         self._dispatchers: dict[str, Dispatcher] = {}
@@ -217,10 +218,15 @@ class PeftModel(nn.Module):
                 raise RuntimeError("per-row adapter_names cannot be used while adapters are merged; unmerge() first")
             names = [n for n in dict.fromkeys(adapter_names) if n is not None and n != "__base__"]
             self._require(names)
-            index = {n: i for i, n in enumerate(names)}
             ref = next(iter(self.model.parameters()))
-            slot = torch.tensor([index.get(n, -1) if n is not None else -1 for n in adapter_names], device=ref.device)
-            st.routing = Routing(names, slot)
+            key = (tuple(adapter_names), ref.device)
+            if self._last_routing is None or self._last_routing[0] != key:
+                # The same routing object for repeated calls (decoding step after step) lets the
+                # deltas keep their per-row gathered weights between calls.
+                index = {n: i for i, n in enumerate(names)}
+                slot = torch.tensor([index.get(n, -1) if n is not None else -1 for n in adapter_names], device=ref.device)
+                self._last_routing = (key, Routing(names, slot))
+            st.routing = self._last_routing[1]
         try:
             yield
         finally:

@@ -51,11 +51,9 @@ part, so decoder layer i reads slot (2i mod L); we mirror that so files give ide
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import inspect
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -63,6 +61,21 @@ from torch import nn
 from peftlab.core.config import AdapterConfig, ConfigError
 from peftlab.core.delta import ModelDelta
 from peftlab.core.io import register_peft_format
+from peftlab.core.model_calls import (
+    accepts_argument,
+    allow_cache_in_checkpoints,
+    call_batch_size,
+    call_device,
+    encoder_self_attentions,
+    generate_expand_size,
+    injected_self_attention_cache,
+    is_checkpointing,
+    mask_key,
+    model_dtype,
+    new_cache,
+    new_length,
+    store_in_cache,
+)
 from peftlab.core.registry import register_method
 
 INITS = ("random", "zero", "tokens")
@@ -345,7 +358,7 @@ class PrefixDelta(ModelDelta):
             raise ValueError("prefix tuning: cannot add a prefix to a cache that already holds tokens")
         if generating and kw.get("use_cache") is False:
             raise ValueError("prefix tuning generates through the key/value cache; do not pass use_cache=False")
-        reader = tag is None and not generating and _checkpointed(model)
+        reader = tag is None and not generating and is_checkpointing(model)
         if reader and (enc_dec or model.config.model_type in _DROPS_CACHE_WHEN_CHECKPOINTING):
             raise NotImplementedError(f"prefix tuning of {model.config.model_type} cannot run under gradient "
                                       "checkpointing: the cache (the prefix) does not reach its layers")
@@ -355,18 +368,18 @@ class PrefixDelta(ModelDelta):
             kw = self._encode(model, kw)
         ref = self.prefix()
         if tag is None:
-            rows = _batch_size(kw) * (_expand_size(model, kw) if generating else 1)
-            self_cache = _new_cache(self.layers if reader else 0)
+            rows = call_batch_size(kw) * (generate_expand_size(model, kw) if generating else 1)
+            self_cache = new_cache(self.layers if reader else 0)
             cache = EncoderDecoderCache(self_cache, DynamicCache()) if enc_dec else self_cache
-            tag = {"deltas": [], "length": 0, "rows": rows, "mask": kw.get(_mask_key(enc_dec)), "reader": reader,
-                   "new": _new_len(kw, enc_dec), "positions": kw.get("position_ids") is not None}
+            tag = {"deltas": [], "length": 0, "rows": rows, "mask": kw.get(mask_key(enc_dec)), "reader": reader,
+                   "new": new_length(kw, enc_dec), "positions": kw.get("position_ids") is not None}
             setattr(cache, _TAG, tag)
             if reader:
-                _allow_cache_in_checkpoints(model)
+                allow_cache_in_checkpoints(model)
         self_cache = cache.self_attention_cache if enc_dec else cache
-        dtype = _model_dtype(model, ref)
+        dtype = model_dtype(model, ref)
         for layer, (k, v) in enumerate(self.layer_kv(ref, tag["rows"], dtype)):
-            _store(self_cache, layer, k, v)
+            store_in_cache(self_cache, layer, k, v)
         tag["deltas"].append(id(self))
         tag["length"] += self.length
         kw["past_key_values"] = cache
@@ -380,20 +393,20 @@ class PrefixDelta(ModelDelta):
     def _fix_mask(self, model: nn.Module, kw: dict, tag: dict, cache: Any, enc_dec: bool) -> None:
         """mask ← [1 (all prefixes) ; m] with m the user's mask over the real tokens (past and new);
         position_ids = offset + rank of each new real token, unless the caller gave them."""
-        key, total = _mask_key(enc_dec), tag["length"]
+        key, total = mask_key(enc_dec), tag["length"]
         seen = (cache.self_attention_cache if enc_dec else cache).get_seq_length()
         fresh = seen == total  # this call put the prefixes in (else: a continuation)
         mask = tag["mask"] if fresh else kw.get(key)
-        new = tag["new"] if fresh else _new_len(kw, enc_dec)
+        new = tag["new"] if fresh else new_length(kw, enc_dec)
         if mask is None and not enc_dec:
-            mask = torch.ones(_batch_size(kw), seen - total + new, dtype=torch.long, device=_device(kw))
+            mask = torch.ones(call_batch_size(kw), seen - total + new, dtype=torch.long, device=call_device(kw))
         if mask is None:
             return  # decoder of an encoder-decoder without padding: causal mask over [P; y] is right
         if mask.shape[-1] == seen + new and total:
             mask = mask[:, total:]  # the caller passed a mask that already covers the prefix
         kw[key] = torch.cat([mask.new_ones(mask.shape[0], total), mask], dim=-1)
         given = tag["positions"] if fresh else kw.get("position_ids") is not None
-        if not enc_dec and not given and _accepts(model, "position_ids"):
+        if not enc_dec and not given and accepts_argument(model, "position_ids"):
             kw["position_ids"] = prefix_positions(mask, total if self.offset else 0, new)
 
     @classmethod
@@ -414,13 +427,13 @@ class PrefixDelta(ModelDelta):
         kw = dict(kwargs)
         enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
         ref = next(d for s in slots for d in s)
-        dtype = _model_dtype(model, ref.prefix())
+        dtype = model_dtype(model, ref.prefix())
         per_slot = [[d.layer_kv(d.prefix(), 1, dtype) for d in s] for s in slots]  # slot → delta → layer → (k, v)
         lengths = [sum(d.length for d in s) for s in slots]
         p_max = max(lengths)
-        gather = (slot + 1).repeat_interleave(_expand_size(model, kw) if generating else 1)
+        gather = (slot + 1).repeat_interleave(generate_expand_size(model, kw) if generating else 1)
         zero = torch.zeros(ref.heads, p_max, ref.token_dim // ref.heads, dtype=dtype, device=slot.device)
-        self_cache = _new_cache()
+        self_cache = new_cache()
         for layer in range(ref.layers):
             keys, values = [zero], [zero]
             for kvs, p in zip(per_slot, lengths):
@@ -432,13 +445,13 @@ class PrefixDelta(ModelDelta):
         setattr(cache, _TAG, {"deltas": [None], "length": p_max, "reader": True})  # not to be continued
         lens = torch.tensor([0, *lengths], device=slot.device)[slot + 1]
         prefix_mask = torch.arange(p_max, device=slot.device)[None, :] >= (p_max - lens)[:, None]
-        key = _mask_key(enc_dec)
+        key = mask_key(enc_dec)
         mask = kw.get(key)
         if mask is None:
-            mask = torch.ones(slot.shape[0], _new_len(kw, enc_dec), dtype=torch.long, device=slot.device)
+            mask = torch.ones(slot.shape[0], new_length(kw, enc_dec), dtype=torch.long, device=slot.device)
         kw[key] = torch.cat([prefix_mask.to(mask.dtype), mask], dim=-1)
         kw["past_key_values"] = cache
-        if not enc_dec and kw.get("position_ids") is None and _accepts(model, "position_ids"):
+        if not enc_dec and kw.get("position_ids") is None and accepts_argument(model, "position_ids"):
             offset = lens[:, None] if ref.offset else 0
             kw["position_ids"] = prefix_positions(mask, 0, mask.shape[-1]) + offset
         if generating and not enc_dec and kw.get("inputs_embeds") is not None:
@@ -452,164 +465,18 @@ class PrefixDelta(ModelDelta):
         from transformers import DynamicCache
 
         encoder = model.get_encoder()
-        blocks = _encoder_self_attentions(encoder)
+        blocks = encoder_self_attentions(encoder)
         mask = kw.get("attention_mask")
-        rows = _batch_size(kw)
+        rows = call_batch_size(kw)
         flat = self.encoder_prompt_embeddings
         cache = DynamicCache()
-        for layer, (k, v) in enumerate(self.layer_kv(flat, rows, _model_dtype(model, flat), decoder=False)):
+        for layer, (k, v) in enumerate(self.layer_kv(flat, rows, model_dtype(model, flat), decoder=False)):
             cache.update(k, v, layer)
-        with _injected(blocks, cache, self.length):
+        with injected_self_attention_cache(blocks, cache, self.length):
             names = ("input_ids", "inputs_embeds", "output_attentions", "output_hidden_states")
             enc_in = {k: kw[k] for k in names if kw.get(k) is not None}
             kw["encoder_outputs"] = encoder(**enc_in, attention_mask=mask, return_dict=True)
         return kw
-
-
-@contextlib.contextmanager
-def _injected(blocks: list[nn.Module], cache: Any, p: int) -> Iterator[None]:
-    """While inside: each encoder self-attention gets ``past_key_values=cache`` (its layer holds P_k,
-    P_v) and a mask with p visible columns prepended. The hooks are removed on exit."""
-
-    def hook(module: nn.Module, args: tuple, kwargs: dict):
-        kwargs = dict(kwargs)
-        args = list(args)
-        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        if mask is not None:
-            visible = True if mask.dtype == torch.bool else 0.0
-            mask = nn.functional.pad(mask, (p, 0), value=visible)
-            if len(args) > 1:
-                args[1] = mask
-            else:
-                kwargs["attention_mask"] = mask
-        kwargs["past_key_values"] = cache
-        return tuple(args), kwargs
-
-    handles = [b.register_forward_pre_hook(hook, with_kwargs=True) for b in blocks]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _encoder_self_attentions(encoder: nn.Module) -> list[nn.Module]:
-    """The encoder's self-attention sublayers that accept ``past_key_values`` (T5's layer[0])."""
-    blocks = getattr(encoder, "block", None)
-    if blocks is None or not all(hasattr(b, "layer") for b in blocks):
-        raise NotImplementedError(
-            f"prefix tuning with encoder=True supports T5-style encoders, not {type(encoder).__name__}"
-        )
-    return [b.layer[0] for b in blocks]
-
-
-# -- helpers --------------------------------------------------------------------------------------
-def _batch_size(kw: dict) -> int:
-    for key in ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds", "labels"):
-        if kw.get(key) is not None:
-            return kw[key].shape[0]
-    if kw.get("encoder_outputs") is not None:
-        return kw["encoder_outputs"][0].shape[0]
-    raise TypeError("prefix tuning needs input_ids or inputs_embeds (the model call had neither)")
-
-
-def _device(kw: dict) -> torch.device:
-    for key in ("input_ids", "inputs_embeds", "decoder_input_ids", "attention_mask"):
-        if kw.get(key) is not None:
-            return kw[key].device
-    return torch.device("cpu")
-
-
-def _new_len(kw: dict, enc_dec: bool) -> int:
-    keys = ("decoder_input_ids", "decoder_inputs_embeds") if enc_dec else ("input_ids", "inputs_embeds")
-    for key in keys:
-        if kw.get(key) is not None:
-            return kw[key].shape[1]
-    if enc_dec and kw.get("labels") is not None:
-        return kw["labels"].shape[1]
-    if enc_dec:
-        return 1  # generate starts the decoder with one token
-    raise TypeError("prefix tuning needs input_ids or inputs_embeds (the model call had neither)")
-
-
-def _mask_key(enc_dec: bool) -> str:
-    return "decoder_attention_mask" if enc_dec else "attention_mask"
-
-
-def _expand_size(model: nn.Module, kw: dict) -> int:
-    gc = kw.get("generation_config") or getattr(model, "generation_config", None)
-    beams = kw.get("num_beams") or getattr(gc, "num_beams", None) or 1
-    seqs = kw.get("num_return_sequences") or getattr(gc, "num_return_sequences", None) or 1
-    return max(beams, seqs)
-
-
-def _new_cache(readers: int = 0):
-    """An empty DynamicCache (no per-layer types from the config, as PEFT builds it); with
-    ``readers``, that many read-only prefix layers."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    if readers:
-        cache.layers = [_reader_layer_class()() for _ in range(readers)]
-    return cache
-
-
-def _store(cache: Any, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Append prefix rows to one layer of the cache (a read-only layer too)."""
-    if layer < len(cache.layers) and isinstance(cache.layers[layer], _reader_layer_class()):
-        from transformers.cache_utils import DynamicLayer
-
-        DynamicLayer.update(cache.layers[layer], k, v)
-    else:
-        cache.update(k, v, layer)
-
-
-@functools.cache
-def _reader_layer_class() -> type:
-    from transformers.cache_utils import DynamicLayer
-
-    class ReaderLayer(DynamicLayer):
-        """Holds only the prefix: ``update`` returns [P; new] and stores nothing, so a checkpointed
-        layer that runs again in backward sees exactly what it saw in forward."""
-
-        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
-            return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
-
-    return ReaderLayer
-
-
-def _checkpointed(model: nn.Module) -> bool:
-    """Training with activation checkpointing on (transformers then drops caches it could write twice)."""
-    return model.training and torch.is_grad_enabled() and any(
-        getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
-
-
-def _allow_cache_in_checkpoints(model: nn.Module) -> None:
-    """For the next call of ``model`` only: let its checkpointed layers keep our read-only cache
-    (transformers' ``_can_checkpoint_with_cache``, meant for layers that only read the cache). Two
-    one-shot hooks set the flag on the layers' instances and remove it after the call."""
-    layers = [m for m in model.modules() if getattr(m, "_can_checkpoint_with_cache", None) is False]
-
-    def before(module: nn.Module, args: tuple) -> None:
-        for m in layers:
-            m._can_checkpoint_with_cache = True
-        handles[0].remove()
-
-    def after(module: nn.Module, args: tuple, output: Any) -> None:
-        for m in layers:
-            m.__dict__.pop("_can_checkpoint_with_cache", None)
-        handles[1].remove()
-
-    handles = [model.register_forward_pre_hook(before), model.register_forward_hook(after, always_call=True)]
-
-
-def _model_dtype(model: nn.Module, ref: torch.Tensor) -> torch.dtype:
-    p = next((p for p in model.parameters() if p.is_floating_point()), None)
-    return p.dtype if p is not None else ref.dtype
-
-
-def _accepts(model: nn.Module, name: str) -> bool:
-    return name in inspect.signature(model.forward).parameters
 
 
 def _token_prefix(model: nn.Module, cfg: PrefixConfig) -> torch.Tensor:
@@ -649,7 +516,7 @@ def _build(model: nn.Module, cfg: PrefixConfig) -> dict[str, ModelDelta]:
     if cfg.encoder and cfg.num_transformer_submodules != 2:
         raise ConfigError("prefix: encoder=True is for encoder-decoder models")
     if cfg.encoder:
-        _encoder_self_attentions(model.get_encoder())
+        encoder_self_attentions(model.get_encoder())
     return {"": PrefixDelta(cfg, model)}
 
 

@@ -368,17 +368,15 @@ class LoraLinear(Delta):
         dropout = {d.p if d.training else 0.0 for d in present}
         if len(dropout) > 1:
             return None  # different dropout rates per row: take the sub-batch path
-        A, B, scale, mag = _stacked(deltas, x.dtype, torch.is_grad_enabled())
-        index = slot + 1
+        A_rows, B_rows, scale_rows, mag_rows = _gathered(deltas, slot, x.dtype, torch.is_grad_enabled())
         seq_shape = x.shape[1:-1]
-        xf = x.reshape(x.shape[0], -1, x.shape[-1]).to(A.dtype)  # (batch, tokens, in)
+        xf = x.reshape(x.shape[0], -1, x.shape[-1]).to(A_rows.dtype)  # (batch, tokens, in)
         if dropout != {0.0}:  # one mask over the batch is independent per row, as in the sub-batches
             xf = F.dropout(xf, dropout.pop(), training=True)
-        h = torch.bmm(xf, A.index_select(0, index).transpose(1, 2))  # (batch, tokens, r)
-        h = h * scale.index_select(0, index).view(-1, 1, 1)
-        out = torch.bmm(h, B.index_select(0, index).transpose(1, 2))  # (batch, tokens, out)
-        if mag is not None:  # DoRA rows: (m/n − 1) ⊙ W0 x + (m/n) ⊙ s B A x
-            g = mag.index_select(0, index).unsqueeze(1)  # (batch, 1, out)
+        h = torch.bmm(xf, A_rows.transpose(1, 2)) * scale_rows  # (batch, tokens, r)
+        out = torch.bmm(h, B_rows.transpose(1, 2))  # (batch, tokens, out)
+        if mag_rows is not None:  # DoRA rows: (m/n − 1) ⊙ W0 x + (m/n) ⊙ s B A x
+            g = mag_rows  # (batch, 1, out)
             base_out = _without_bias(deltas, y).reshape(out.shape)
             out = (g - 1) * base_out + g * out
         return out.reshape(x.shape[0], *seq_shape, out.shape[-1]).to(y.dtype)
@@ -387,6 +385,29 @@ class LoraLinear(Delta):
 def _without_bias(deltas: Sequence[Delta | None], y: torch.Tensor) -> torch.Tensor:
     base = next(d for d in deltas if d is not None).base_layer  # type: ignore[union-attr]
     return y - base.bias if getattr(base, "bias", None) is not None else y
+
+
+def _gathered(deltas: Sequence[Delta | None], slot: torch.Tensor, dtype: torch.dtype, grad: bool):
+    """Per row: (A, B) of its slot (batch, r, in) and (batch, out, r), its scale (batch, 1, 1) and
+    DoRA's magnitude ratio (batch, 1, out) or None. Without autograd the result is kept for the
+    next call with the same ``slot`` tensor (the container reuses it for repeated adapter_names,
+    so a decoding loop gathers once) while the stacks are unchanged."""
+    stacks = _stacked(deltas, dtype, grad)
+    holder = next(d for d in deltas if d is not None)
+    cached = getattr(holder, "_gather_cache", None)
+    if not grad and cached is not None and cached[0] is slot and cached[1] == slot._version and cached[2] is stacks:
+        return cached[3]
+    index = slot + 1
+    A, B, scale, mag = stacks
+    val = (
+        A.index_select(0, index),
+        B.index_select(0, index),
+        scale.index_select(0, index).view(-1, 1, 1),
+        mag.index_select(0, index).unsqueeze(1) if mag is not None else None,
+    )
+    if not grad:
+        holder._gather_cache = (slot, slot._version, stacks, val)
+    return val
 
 
 def _stacked(deltas: Sequence[Delta | None], dtype: torch.dtype, grad: bool):
@@ -428,10 +449,13 @@ def _stacked(deltas: Sequence[Delta | None], dtype: torch.dtype, grad: bool):
 def _version_key(d: Delta) -> tuple:
     """Changes whenever anything the stacks are computed from changes: A, B, and for DoRA the
     magnitude and the base weight (its norm), each by identity and in-place version."""
-    tensors = [d.lora_A.weight, d.lora_B.weight]  # type: ignore[union-attr]
+    # Plain dict lookups, not nn.Module attribute access: this runs for every adapter of a mixed
+    # batch at every hooked module, once per decoding step.
+    modules = d._modules
+    tensors = [modules["lora_A"]._parameters["weight"], modules["lora_B"]._parameters["weight"]]
     if isinstance(d, DoraLinear):
-        tensors += [d.lora_magnitude_vector, d.base_layer.weight]
-    return (id(d), d.scaling, *((t.data_ptr(), t._version) for t in tensors))
+        tensors += [d._parameters["lora_magnitude_vector"], d.base_layer.weight]
+    return (id(d), d.scaling, *[(t.data_ptr(), t._version) for t in tensors])
 
 
 class DoraLinear(LoraLinear):
