@@ -186,6 +186,12 @@ def test_repeated_mixed_calls_follow_weight_updates_and_adapter_changes(three_ad
     with torch.no_grad():
         assert not torch.allclose(_out(pm, batch, adapter_names=names)[0], first[0])
     assert_mixed_batch_equals_per_adapter(pm, ["c", "a", "b"], batch)
+    # Alternating routings keep their caches side by side; an update must still reach both.
+    with torch.no_grad():
+        _out(pm, batch, adapter_names=names), _out(pm, batch, adapter_names=["b", "b", "a"])
+    randomize_adapter(pm, "a", seed=13)
+    assert_mixed_batch_equals_per_adapter(pm, ["b", "b", "a"], batch)
+    assert_mixed_batch_equals_per_adapter(pm, names, batch)
     pm.delete_adapter("c")
     pm.add_adapter("c", "lora[r=5,targets=q_proj|v_proj]")
     randomize_adapter(pm, "c", seed=12)

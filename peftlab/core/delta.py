@@ -13,6 +13,7 @@ merge-and-unload are then done once, generically, by the container.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, ClassVar, Sequence
 
 import torch
@@ -89,6 +90,27 @@ def per_row(values: Sequence[torch.Tensor | None], slot: torch.Tensor, fill: tor
     one gather from the (K + 1, ...) stack [fill; values]. Shapes must agree (pad ranks first)."""
     stacked = torch.stack([fill] + [fill if v is None else v for v in values])
     return stacked.index_select(0, slot + 1)
+
+
+class RecentCache:
+    """A dict that keeps only its ``size`` most recently used entries (caches of stacked or
+    gathered adapter weights for mixed batches: a server alternates between a few routings)."""
+
+    def __init__(self, size: int = 4):
+        self.size = size
+        self._items: OrderedDict[Any, Any] = OrderedDict()
+
+    def get(self, key: Any) -> Any:
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        return None
+
+    def put(self, key: Any, value: Any) -> None:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
 
 
 def broadcast_rows(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from torch import nn
 
 from peftlab.core import io
 from peftlab.core.config import AdapterConfig, UnionConfig, as_config, config_parts
-from peftlab.core.delta import HeadCopy
+from peftlab.core.delta import HeadCopy, RecentCache
 from peftlab.core.dispatch import AdapterState, Dispatcher, Routing
 from peftlab.core.registry import get_method
 from peftlab.core.targeting import TargetError, _nearest, entry_matches
@@ -86,7 +86,7 @@ class PeftModel(nn.Module):
         self.configs: dict[str, AdapterConfig | UnionConfig] = {}
         self.placements: dict[str, Placement] = {}
         self._trainable: dict[str, dict[str, bool]] = {}
-        self._last_routing: tuple[tuple, Routing] | None = None
+        self._routings = RecentCache(size=8)  # adapter_names -> Routing, for repeated calls
         self._merge_log: dict[str, list[tuple[nn.Module, nn.Module, dict[str, torch.Tensor] | None]]] = {}
         self._state = AdapterState()
         self._dispatchers: dict[str, Dispatcher] = {}
@@ -220,13 +220,15 @@ class PeftModel(nn.Module):
             self._require(names)
             ref = next(iter(self.model.parameters()))
             key = (tuple(adapter_names), ref.device)
-            if self._last_routing is None or self._last_routing[0] != key:
+            routing = self._routings.get(key)
+            if routing is None:
                 # The same routing object for repeated calls (decoding step after step) lets the
                 # deltas keep their per-row gathered weights between calls.
                 index = {n: i for i, n in enumerate(names)}
                 slot = torch.tensor([index.get(n, -1) if n is not None else -1 for n in adapter_names], device=ref.device)
-                self._last_routing = (key, Routing(names, slot))
-            st.routing = self._last_routing[1]
+                routing = Routing(names, slot)
+                self._routings.put(key, routing)
+            st.routing = routing
         try:
             yield
         finally:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab.core.config import AdapterConfig, ConfigError
-from peftlab.core.delta import Delta, HeadCopy
+from peftlab.core.delta import Delta, HeadCopy, RecentCache
 from peftlab.core.io import register_peft_format
 from peftlab.core.layers import is_adaptable_layer, layer_info, to_module_layout, weight_out_in
 from peftlab.core.registry import register_method
@@ -389,14 +389,15 @@ def _without_bias(deltas: Sequence[Delta | None], y: torch.Tensor) -> torch.Tens
 
 def _gathered(deltas: Sequence[Delta | None], slot: torch.Tensor, dtype: torch.dtype, grad: bool):
     """Per row: (A, B) of its slot (batch, r, in) and (batch, out, r), its scale (batch, 1, 1) and
-    DoRA's magnitude ratio (batch, 1, out) or None. Without autograd the result is kept for the
-    next call with the same ``slot`` tensor (the container reuses it for repeated adapter_names,
-    so a decoding loop gathers once) while the stacks are unchanged."""
+    DoRA's magnitude ratio (batch, 1, out) or None. Without autograd the result is kept for later
+    calls with the same ``slot`` tensor (the container reuses it for repeated adapter_names, so a
+    decoding loop gathers once) while the stacks are unchanged."""
     stacks = _stacked(deltas, dtype, grad)
     holder = next(d for d in deltas if d is not None)
-    cached = getattr(holder, "_gather_cache", None)
-    if not grad and cached is not None and cached[0] is slot and cached[1] == slot._version and cached[2] is stacks:
-        return cached[3]
+    cache = _recent(holder, "_gather_cache")
+    hit = None if grad else cache.get(id(slot))
+    if hit is not None and hit[0] is slot and hit[1] == slot._version and hit[2] is stacks:
+        return hit[3]
     index = slot + 1
     A, B, scale, mag = stacks
     val = (
@@ -406,19 +407,28 @@ def _gathered(deltas: Sequence[Delta | None], slot: torch.Tensor, dtype: torch.d
         mag.index_select(0, index).unsqueeze(1) if mag is not None else None,
     )
     if not grad:
-        holder._gather_cache = (slot, slot._version, stacks, val)
+        cache.put(id(slot), (slot, slot._version, stacks, val))  # the slot itself is held: ids stay unique
     return val
+
+
+def _recent(holder: Delta, name: str) -> RecentCache:
+    if name not in holder.__dict__:
+        holder.__dict__[name] = RecentCache()
+    return holder.__dict__[name]
 
 
 def _stacked(deltas: Sequence[Delta | None], dtype: torch.dtype, grad: bool):
     """(A, B, scale, magnitude-ratio) stacked over slots with an all-zero slot 0 for base rows.
 
-    Without autograd the stacks are cached until anything they are computed from changes (``_version_key``)."""
+    Without autograd the stacks are kept (for the few most recent slot lists) until anything they
+    are computed from changes (``_version_key``)."""
     present = [d for d in deltas if d is not None]
     key = tuple(_version_key(d) if d is not None else None for d in deltas)
-    holder = present[0]
-    if not grad and getattr(holder, "_stack_key", None) == key:
-        return holder._stack_val
+    cache = _recent(present[0], "_stack_cache")
+    if not grad:
+        hit = cache.get(key)
+        if hit is not None:
+            return hit
     r = max(d.r for d in present)
     ref = present[0].lora_A.weight
     out_f, in_f = present[0].lora_B.weight.shape[0], ref.shape[1]
@@ -442,7 +452,7 @@ def _stacked(deltas: Sequence[Delta | None], dtype: torch.dtype, grad: bool):
         torch.stack(mags) if any_dora else None,
     )
     if not grad:
-        holder._stack_key, holder._stack_val = key, val
+        cache.put(key, val)
     return val
 
 
