@@ -101,12 +101,14 @@ class RecentCache:
         self._items: OrderedDict[Any, Any] = OrderedDict()
 
     def get(self, key: Any) -> Any:
+        """The value for ``key`` (marking it most recent), or None."""
         if key in self._items:
             self._items.move_to_end(key)
             return self._items[key]
         return None
 
     def put(self, key: Any, value: Any) -> None:
+        """Store ``value``; the least recently used entry goes when over ``size``."""
         self._items[key] = value
         self._items.move_to_end(key)
         while len(self._items) > self.size:

@@ -54,6 +54,8 @@ def _split_input(args: tuple, kwargs: dict) -> tuple[torch.Tensor, Any]:
 
 
 class Dispatcher:
+    """One per hooked module: holds every adapter's deltas there and applies the active ones (or
+    each row's own, for a mixed batch) through a forward pre-hook and a forward hook."""
     def __init__(self, name: str, module: nn.Module, state: AdapterState):
         self.name = name
         self.module = module

@@ -134,6 +134,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[AdapterConfig | UnionConfig, 
 
 
 def config_from_file_dict(raw: dict[str, Any], where: Any = "adapter_config.json") -> AdapterConfig | UnionConfig:
+    """Our config from an ``adapter_config.json`` dict: peftlab's own block, else a registered PEFT reader."""
     try:
         if "peftlab" in raw:
             return config_from_dict(raw["peftlab"])

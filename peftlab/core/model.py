@@ -110,6 +110,7 @@ class PeftModel(nn.Module):
 
     @property
     def active_adapters(self) -> list[str]:
+        """The adapters the next call uses, in order."""
         return list(self._state.active)
 
     def add_adapter(self, adapter_name: str, config: "AdapterConfig | UnionConfig | str | dict") -> "PeftModel":
@@ -377,6 +378,7 @@ class PeftModel(nn.Module):
 
     # -- files and accounting ---------------------------------------------------------------------
     def adapter_tensors(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+        """An adapter's tensors under their file keys (what ``save`` writes)."""
         self._require([adapter_name])
         return io.placement_tensors(self.placements[adapter_name], self.configs[adapter_name])
 

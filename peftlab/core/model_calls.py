@@ -123,6 +123,7 @@ def store_in_cache(cache: Any, layer: int, k: torch.Tensor, v: torch.Tensor) -> 
 
 @functools.cache
 def reader_layer_class() -> type:
+    """A ``DynamicLayer`` subclass whose ``update`` returns [P; new] and stores nothing."""
     from transformers.cache_utils import DynamicLayer
 
     class ReaderLayer(DynamicLayer):

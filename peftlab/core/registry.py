@@ -42,6 +42,7 @@ def register_method(name: str, config_cls: type[AdapterConfig], family: str) -> 
 
 
 def get_method(name: str) -> MethodSpec:
+    """The registered method called ``name``; an unknown name lists the closest registered ones."""
     _ensure_loaded()
     if name not in _METHODS:
         close = difflib.get_close_matches(name, list(_METHODS), n=3)
@@ -57,6 +58,7 @@ def list_methods() -> list[str]:
 
 
 def method_specs() -> list[MethodSpec]:
+    """Every registered method, sorted by name."""
     _ensure_loaded()
     return [_METHODS[n] for n in sorted(_METHODS)]
 

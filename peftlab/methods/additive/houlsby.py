@@ -92,6 +92,7 @@ class HoulsbyAdapter(Delta):
             nn.init.zeros_(self.adapter_up.bias)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """y + W_up σ(W_down y + b_down) + b_up."""
         assert y is not None
         w = self.adapter_down.weight
         out = bottleneck_adapter(y.to(w.dtype), w, self.adapter_down.bias, self.adapter_up.weight,

@@ -179,6 +179,7 @@ class IA3Delta(Delta):
         self.n_in, self.n_out, self.kind = info.in_features, info.out_features, info.kind
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """l ⊙ y at the output site, l ⊙ x at the input site (the feed-forward's second projection)."""
         t = x if self.feedforward else y
         assert t is not None
         return (t.to(self.ia3_l.dtype) * self.ia3_l).to(t.dtype)
@@ -202,6 +203,7 @@ class IA3Delta(Delta):
             self.ia3_l.copy_(state["ia3_l"].reshape(-1))
 
     def delta_params(self, base: nn.Module) -> dict[str, torch.Tensor]:
+        """(ΔW, Δb) that merging adds: (diag(l) − I) W and (l − 1) ⊙ b, or W (diag(l) − I) at the input site."""
         l = self.ia3_l.detach()
         w = weight_out_in(base).to(l.dtype)
         bias = base.bias.to(l.dtype) if "bias" in self.merges_into else None

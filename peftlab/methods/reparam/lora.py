@@ -333,6 +333,7 @@ class LoraLinear(Delta):
             self.lora_A.weight.requires_grad_(False)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Δh = s · B A dropout(x) (− s · B₀ A₀ x for PiSSA/OLoRA)."""
         out = self._lora_out(x.to(self.lora_A.weight.dtype), self.p)
         return out.to(x.dtype if y is None else y.dtype)
 
@@ -350,6 +351,7 @@ class LoraLinear(Delta):
         return self.scaling * dw
 
     def delta_params(self, base: nn.Module) -> dict[str, torch.Tensor]:
+        """ΔW = s · (B A − B₀ A₀) in the module's own weight layout."""
         return {"weight": to_module_layout(base, self.delta_out_in().detach())}
 
     def rank(self) -> int:
@@ -488,6 +490,7 @@ class DoraLinear(LoraLinear):
         return self.lora_magnitude_vector / self._weight_norm()
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Δh = (m/n − 1) ⊙ (h − b) + (m/n) ⊙ s B A dropout(x), n = ‖W0 + s B A‖ per row (detached)."""
         assert y is not None
         g = self.magnitude_ratio()
         xa = x.to(g.dtype)
@@ -502,6 +505,7 @@ class DoraLinear(LoraLinear):
         return ((g - 1) * base_out + g * lora).to(y.dtype)
 
     def delta_params(self, base: nn.Module) -> dict[str, torch.Tensor]:
+        """ΔW = (m/n) ⊙ (W0 + s B A) − W0."""
         w = weight_out_in(base).to(self.lora_A.weight.dtype)
         new = self.magnitude_ratio().detach().unsqueeze(1) * (w + self.delta_out_in().detach())
         return {"weight": to_module_layout(base, new - w)}
@@ -524,11 +528,13 @@ class LoraEmbedding(Delta):
         self.lora_embedding_B = nn.Parameter(torch.randn(base.embedding_dim, cfg.r))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Δh = s · B A one_hot(x): the embedding lookup of Aᵀ, then B."""
         after_a = F.embedding(x, self.lora_embedding_A.T, padding_idx=self.padding_idx)
         out = (after_a @ self.lora_embedding_B.T) * self.scaling
         return out if y is None else out.to(y.dtype)
 
     def delta_params(self, base: nn.Module) -> dict[str, torch.Tensor]:
+        """ΔE = s · (B A)ᵀ, shape (vocab, dim) as the embedding's weight."""
         return {"weight": (self.scaling * (self.lora_embedding_B @ self.lora_embedding_A)).T.detach()}
 
     def rank(self) -> int:
@@ -556,10 +562,12 @@ class LoraConv2d(Delta):
             nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Δh = s · conv_B(conv_A(dropout(x))), conv_A with the base's kernel, conv_B 1×1."""
         x = F.dropout(x, self.p, self.training) if self.p else x
         return self.lora_B(self.lora_A(x)) * self.scaling
 
     def delta_params(self, base: nn.Module) -> dict[str, torch.Tensor]:
+        """ΔW[o, i, k, l] = s · Σ_r B[o, r] A[r, i, k, l]."""
         B = self.lora_B.weight.flatten(1)  # (out, r)
         return {"weight": self.scaling * torch.einsum("or,rikl->oikl", B, self.lora_A.weight).detach()}
 

@@ -76,10 +76,12 @@ class BiasDelta(Delta):
         self.register_buffer("bias0", base.bias.detach().clone(), persistent=False)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Δb broadcast over y's shape (the hook adds it: y + Δb)."""
         assert y is not None
         return bias_delta_view(self.delta_bias, self.layout, y.dim()).to(y.dtype).expand_as(y)
 
     def delta_params(self, base: nn.Module) -> dict[str, torch.Tensor]:
+        """Merging adds Δb to the bias: b ← b0 + Δb."""
         return {"bias": self.delta_bias.detach()}
 
     def file_state(self) -> dict[str, torch.Tensor]:
