@@ -10,9 +10,12 @@ from peftlab.core.config import AdapterConfig, ConfigError, UnionConfig, parse_m
 from peftlab.core.io import AdapterFileError
 from peftlab.core.model import PeftModel, apply, load
 from peftlab.core.optim import param_groups
-from peftlab.core.registry import get_method, list_methods, register_method
+from peftlab.core.registry import NotApplicableError, get_method, list_methods, register_method
 from peftlab.core.targeting import TargetError
-from peftlab.methods.reparam.lora import DoraConfig, LoraConfig, LoraFaConfig
+
+# Importing the methods registers every built-in method (the core itself never imports them).
+from peftlab import methods  # noqa: E402,F401  isort: skip
+from peftlab.methods.reparam.lora import DoraConfig, LoraConfig, LoraFaConfig  # noqa: E402  isort: skip
 
 __version__ = "0.1.0"
 
@@ -23,6 +26,7 @@ __all__ = [
     "DoraConfig",
     "LoraConfig",
     "LoraFaConfig",
+    "NotApplicableError",
     "PeftModel",
     "TargetError",
     "UnionConfig",

@@ -134,6 +134,15 @@ class ModelDelta(nn.Module):
         """Return the keyword arguments the base model is called with."""
         raise NotImplementedError
 
+    @classmethod
+    def prepare_routed(
+        cls, slots: Sequence[Sequence["ModelDelta"]], slot: torch.Tensor, model: nn.Module,
+        kwargs: dict[str, Any], generating: bool,
+    ) -> dict[str, Any]:
+        """A mixed batch: row i is prepared by the deltas in ``slots[slot[i]]`` (none where -1).
+        Only methods registered with ``per_row=True`` are routed here."""
+        raise NotImplementedError(f"{cls.__name__} does not batch per row")
+
     def rank(self) -> int | None:
         return None
 

@@ -2,25 +2,26 @@
 
 Tensor keys follow Hugging Face PEFT: ``base_model.model.<module name>.<delta key>`` (e.g.
 ``...q_proj.lora_A.weight``), model-level deltas save their keys bare (``prompt_embeddings``).
-Methods that PEFT also has write PEFT's config fields (see ``register_peft_format``); the full
-peftlab config is kept under the extra key ``"peftlab"`` so nothing is lost on a round trip.
+Methods that PEFT also has write PEFT's config fields (their registration declares a
+:class:`~peftlab.core.registry.PeftFormat`); the full peftlab config is kept under the extra key
+``"peftlab"`` so nothing is lost on a round trip.
 Reading validates everything before the model is touched.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save, save_file
 
 from peftlab.core.config import AdapterConfig, ConfigError, UnionConfig, config_from_dict
+from peftlab.core.registry import get_method, method_for_peft_type, peft_types
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -29,15 +30,6 @@ PREFIX = "base_model.model."
 
 class AdapterFileError(ValueError):
     """An adapter directory is missing, corrupt, or made for another base model."""
-
-
-# PEFT's peft_type -> function turning its config dict into one of ours.
-_PEFT_READERS: dict[str, Callable[[dict[str, Any]], AdapterConfig]] = {}
-
-
-def register_peft_format(peft_type: str, reader: Callable[[dict[str, Any]], AdapterConfig]) -> None:
-    """Let ``read_adapter`` understand directories written by Hugging Face PEFT for ``peft_type``."""
-    _PEFT_READERS[peft_type] = reader
 
 
 def placement_tensors(placement: list[tuple[str, Any]], cfg: AdapterConfig | UnionConfig) -> dict[str, torch.Tensor]:
@@ -61,11 +53,8 @@ def file_key(cfg: AdapterConfig | UnionConfig, part: int, module_name: str, key:
 def config_file_dict(cfg: AdapterConfig | UnionConfig, placed: dict[str, Any] | None = None) -> dict[str, Any]:
     """The JSON config: PEFT's fields where PEFT has the method (``placed`` = {module: delta} lets
     the method write what only the model knows, e.g. Conv1D's ``fan_in_fan_out``), plus ours."""
-    if isinstance(cfg, AdapterConfig) and hasattr(cfg, "to_peft"):
-        takes_placed = len(inspect.signature(cfg.to_peft).parameters) > 0  # type: ignore[attr-defined]
-        d = cfg.to_peft(placed) if placed is not None and takes_placed else cfg.to_peft()  # type: ignore[attr-defined]
-    else:
-        d = {"peft_type": "PEFTLAB"}
+    peft = get_method(cfg.method).peft if isinstance(cfg, AdapterConfig) else None
+    d = peft.write(cfg, placed) if peft is not None else {"peft_type": "PEFTLAB"}
     d["peftlab"] = cfg.to_dict()
     return d
 
@@ -138,12 +127,12 @@ def config_from_file_dict(raw: dict[str, Any], where: Any = "adapter_config.json
     try:
         if "peftlab" in raw:
             return config_from_dict(raw["peftlab"])
-        peft_type = raw.get("peft_type")
-        if peft_type in _PEFT_READERS:
-            return _PEFT_READERS[peft_type](raw)
+        spec = method_for_peft_type(str(raw.get("peft_type")))
+        if spec is not None:
+            return spec.peft.read(raw)  # type: ignore[union-attr]
     except (ConfigError, TypeError, KeyError) as e:
         raise AdapterFileError(f"{where}: {e}") from e
-    known = sorted(_PEFT_READERS)
+    known = peft_types()
     raise AdapterFileError(
         f"{where}: unsupported adapter type {raw.get('peft_type')!r}; peftlab reads its own files and PEFT's {known}"
     )

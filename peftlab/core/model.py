@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from peftlab.core import io
+from peftlab.core.accounting import adapter_report
 from peftlab.core.config import AdapterConfig, UnionConfig, as_config, config_parts
 from peftlab.core.delta import HeadCopy, RecentCache
 from peftlab.core.dispatch import AdapterState, Dispatcher, Routing
@@ -34,6 +35,7 @@ def build_placement(model: nn.Module, cfg: AdapterConfig | UnionConfig) -> Place
     placement: Placement = []
     for part, pcfg in enumerate(config_parts(cfg)):
         spec = get_method(pcfg.method)
+        spec.check_applicable(model)
         for module_name, delta in spec.build(model, pcfg).items():
             placement.append((part, module_name, delta))
         for head in pcfg.modules_to_save or []:
@@ -277,9 +279,17 @@ class PeftModel(nn.Module):
         present = [d for s in slots for d in s]
         if not present:
             return kwargs
+        for n in st.routing.names:
+            for part in config_parts(self.configs[n]):
+                spec = get_method(part.method)
+                if "model" in spec.sites and not spec.per_row:
+                    raise NotImplementedError(
+                        f"adapter {n!r} ({spec.name}) cannot serve a mixed batch: {spec.name} rewrites the whole "
+                        "model call and does not batch per row; run its rows in a separate call")
         cls = type(present[0])
-        if not hasattr(cls, "prepare_routed") or any(type(d) is not cls for d in present):
-            raise NotImplementedError(f"{cls.__name__} cannot be mixed per row")
+        if any(type(d) is not cls for d in present):
+            kinds = sorted({type(d).__name__ for d in present})
+            raise NotImplementedError(f"a mixed batch cannot combine different model-level methods ({', '.join(kinds)})")
         return cls.prepare_routed(slots, st.routing.slot, self.model, kwargs, generating)
 
     def forward(self, *args: Any, adapter_names: Sequence[str | None] | None = None, **kwargs: Any) -> Any:
@@ -395,13 +405,16 @@ class PeftModel(nn.Module):
 
     def report(self, adapter_name: str | None = None) -> dict[str, Any]:
         """Honest accounting (DESIGN.md principle 4) for one adapter (default: the first active one)."""
-        from peftlab.core.accounting import adapter_report
-
         name = adapter_name or (self._state.active[0] if self._state.active else (self.adapters or [None])[0])
         if name is None:
             raise ValueError("the model has no adapter")
         self._require([name])
-        return adapter_report(self, name)
+        return adapter_report(
+            self.model, self.configs[name], self.placements[name],
+            trainable=[p for p, flag in self.adapter_parameters(name) if flag],
+            adapter_params=list(self.adapter_modules[name].parameters()),
+            placed=self.placed(name), adapter_name=name,
+        )
 
     def extra_repr(self) -> str:
         return f"adapters={self.adapters}, active={self.active_adapters}, merged={self._state.merged}"

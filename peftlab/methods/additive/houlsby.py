@@ -50,7 +50,6 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"relu": F.relu
 class HoulsbyConfig(AdapterConfig):
     """Bottleneck size ``r`` (if given) or ``d // reduction_factor``; activation relu | gelu | silu."""
 
-    method = "houlsby"
     reduction_factor: float = 16
     r: int | None = None
     activation: str = "relu"
@@ -139,4 +138,7 @@ def _build(model: nn.Module, cfg: HoulsbyConfig) -> dict[str, Delta]:
     return {name: HoulsbyAdapter(module, cfg) for name, module in modules.items()}
 
 
-register_method("houlsby", HoulsbyConfig, "additive")(_build)
+register_method(
+    "houlsby", HoulsbyConfig, _build, family="additive", sites=("output",), merges=False, per_row=True,
+    example="houlsby[reduction_factor=16,activation=relu]", default_lr=2e-3,
+)

@@ -31,9 +31,8 @@ from torch import nn
 
 from peftlab.core.config import AdapterConfig, ConfigError
 from peftlab.core.delta import Delta, broadcast_rows, per_row
-from peftlab.core.io import register_peft_format
 from peftlab.core.layers import layer_info, to_module_layout, weight_out_in
-from peftlab.core.registry import register_method
+from peftlab.core.registry import PeftFormat, register_method
 from peftlab.core.targeting import TargetError, entry_matches, is_linear, select_modules
 
 #: BERT/ViT's FFN output ``encoder.layer.N.output.dense``, not ``attention.output.dense``.
@@ -53,7 +52,6 @@ class IA3Config(AdapterConfig):
     """``targets``: modules to rescale; ``feedforward``: which of them are scaled at their input
     (default: the feed-forward second projections of the common architectures)."""
 
-    method = "ia3"
     feedforward: list[str] | None = None
 
     def __post_init__(self) -> None:
@@ -149,7 +147,6 @@ def _config_from_peft(d: dict[str, Any]) -> IA3Config:
     )
 
 
-register_peft_format("IA3", _config_from_peft)
 
 
 # -- math -----------------------------------------------------------------------------------------
@@ -234,4 +231,8 @@ def _build(model: nn.Module, cfg: IA3Config) -> dict[str, Delta]:
     return {n: IA3Delta(m, any(entry_matches(e, n) for e in feedforward)) for n, m in modules.items()}
 
 
-register_method("ia3", IA3Config, "additive")(_build)
+register_method(
+    "ia3", IA3Config, _build, family="additive", sites=("output", "input"), merges=True, per_row=True,
+    example="ia3[targets=k_proj|v_proj|down_proj,feedforward=down_proj]", default_lr=2e-2,
+    peft=PeftFormat("IA3", read=_config_from_peft, write=IA3Config.to_peft),
+)

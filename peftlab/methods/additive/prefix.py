@@ -60,7 +60,6 @@ from torch import nn
 
 from peftlab.core.config import AdapterConfig, ConfigError
 from peftlab.core.delta import ModelDelta
-from peftlab.core.io import register_peft_format
 from peftlab.core.model_calls import (
     accepts_argument,
     allow_cache_in_checkpoints,
@@ -76,7 +75,8 @@ from peftlab.core.model_calls import (
     new_length,
     store_in_cache,
 )
-from peftlab.core.registry import register_method
+from peftlab.core.registry import PeftFormat, register_method
+from peftlab.core.requirements import KV_CACHE_MODEL
 
 INITS = ("random", "zero", "tokens")
 #: PEFT's task_type SEQ_CLS / TOKEN_CLS writes both head names to ``modules_to_save``; read back they
@@ -108,7 +108,6 @@ class PrefixConfig(AdapterConfig):
     ``exclude``, ``layers`` and ``module_types`` must be None; ``modules_to_save`` works).
     """
 
-    method = "prefix"
     identity_at_init = False
     peft_module_prefix = "base_model."  # PEFT's prompt-learning wrapper holds the model directly
     length: int = 20
@@ -198,7 +197,6 @@ def _heads_from_peft(d: dict[str, Any]) -> list[str] | None:
     return names
 
 
-register_peft_format("PREFIX_TUNING", _from_peft)
 
 
 # -- the math -----------------------------------------------------------------------------------
@@ -520,4 +518,8 @@ def _build(model: nn.Module, cfg: PrefixConfig) -> dict[str, ModelDelta]:
     return {"": PrefixDelta(cfg, model)}
 
 
-register_method("prefix", PrefixConfig, "additive")(_build)
+register_method(
+    "prefix", PrefixConfig, _build, family="additive", sites=("model",), merges=False, per_row=True,
+    example="prefix[length=20,projection=true,hidden=128]", default_lr=3e-2,
+    peft=PeftFormat("PREFIX_TUNING", read=_from_peft, write=PrefixConfig.to_peft), needs=(KV_CACHE_MODEL,),
+)

@@ -31,9 +31,8 @@ from torch import nn
 
 from peftlab.core.config import AdapterConfig, ConfigError
 from peftlab.core.delta import Delta, HeadCopy, RecentCache
-from peftlab.core.io import register_peft_format
 from peftlab.core.layers import is_adaptable_layer, layer_info, to_module_layout, weight_out_in
-from peftlab.core.registry import register_method
+from peftlab.core.registry import PeftFormat, register_method
 from peftlab.core.targeting import entry_matches, is_linear, select_modules
 
 #: Query and value projections of the common architectures (Llama, BERT, GPT-2, T5, ViT).
@@ -49,7 +48,6 @@ CLS_HEAD_ENTRY = r"re:(?:.*\.)?(?:classifier|score)"
 class LoraConfig(AdapterConfig):
     """LoRA: rank ``r``, scale ``alpha / r`` (``alpha / sqrt(r)`` with ``rslora``), input dropout."""
 
-    method = "lora"
     r: int = 8
     alpha: float = 8
     dropout: float = 0.0
@@ -119,14 +117,10 @@ class LoraConfig(AdapterConfig):
 class DoraConfig(LoraConfig):
     """DoRA: LoRA on the direction, plus a trainable magnitude per output row."""
 
-    method = "dora"
-
 
 @dataclass(kw_only=True)
 class LoraFaConfig(LoraConfig):
     """LoRA-FA: A frozen at a random orthogonal init, only B is trained."""
-
-    method = "lora_fa"
 
     def validate(self) -> None:
         super().validate()
@@ -228,7 +222,6 @@ def _config_from_peft(d: dict[str, Any]) -> LoraConfig:
     )
 
 
-register_peft_format("LORA", _config_from_peft)
 
 
 # -- math -----------------------------------------------------------------------------------------
@@ -607,6 +600,17 @@ def _build(model: nn.Module, cfg: LoraConfig) -> dict[str, Delta]:
     return placed
 
 
-register_method("lora", LoraConfig, "reparam")(_build)
-register_method("dora", DoraConfig, "reparam")(_build)
-register_method("lora_fa", LoraFaConfig, "reparam")(_build)
+# PEFT writes DoRA as LORA with use_dora=true: the one reader turns such files into DoraConfig.
+register_method(
+    "lora", LoraConfig, _build, family="reparam", sites=("parallel",), merges=True, per_row=True,
+    example="lora[r=8,alpha=16,targets=q_proj|v_proj]", default_lr=3e-3,
+    peft=PeftFormat("LORA", read=_config_from_peft, write=LoraConfig.to_peft),
+)
+register_method(
+    "dora", DoraConfig, _build, family="reparam", sites=("parallel",), merges=True, per_row=True,
+    example="dora[r=8,alpha=16]", default_lr=3e-3,
+)
+register_method(
+    "lora_fa", LoraFaConfig, _build, family="reparam", sites=("parallel",), merges=True, per_row=True,
+    example="lora_fa[r=8,alpha=16,init=gaussian]", default_lr=3e-3,
+)

@@ -26,8 +26,8 @@ from torch import nn
 
 from peftlab.core.config import AdapterConfig
 from peftlab.core.delta import Delta, per_row
-from peftlab.core.registry import register_method
-from peftlab.core.targeting import TargetError, is_linear, select_modules
+from peftlab.core.registry import Requirement, register_method
+from peftlab.core.targeting import is_linear, select_modules
 
 #: Layers whose bias is a plain additive term of the output, channel in the last dimension.
 _TRAILING = (nn.LayerNorm, nn.Linear)
@@ -50,7 +50,6 @@ def _bias_layout(module: nn.Module) -> str | None:
 class BitFitConfig(AdapterConfig):
     """Targets default to every Linear/Conv1D/ConvNd/LayerNorm/GroupNorm/BatchNorm that has a bias."""
 
-    method = "bitfit"
 
 
 def bias_delta_view(db: torch.Tensor, layout: str, ndim: int) -> torch.Tensor:
@@ -107,15 +106,19 @@ class BiasDelta(Delta):
 
 
 def _build(model: nn.Module, cfg: BitFitConfig) -> dict[str, Delta]:
-    if not any(_bias_layout(m) for _, m in model.named_modules()):
-        raise TargetError(
-            f"bitfit: {type(model).__name__} has no bias parameters (no Linear, Conv1D, Conv, LayerNorm, GroupNorm "
-            "or BatchNorm with a bias: Llama- and T5-style models use bias-free layers and RMSNorm), so BitFit has nothing "
-            "to train. Use another method (e.g. ia3, lora or LayerNorm tuning)."
-        )
     modules = select_modules(model, cfg, default=["re:.*"], accept=lambda m: _bias_layout(m) is not None,
                              what="layer with a bias (Linear, Conv1D, Conv, LayerNorm, GroupNorm, BatchNorm)")
     return {name: BiasDelta(module) for name, module in modules.items()}
 
 
-register_method("bitfit", BitFitConfig, "selective")(_build)
+HAS_BIASES = Requirement(
+    what="layers with a bias (Linear, Conv1D, Conv, LayerNorm, GroupNorm or BatchNorm)",
+    met=lambda model: any(_bias_layout(m) for m in model.modules()),
+    hint="Llama- and T5-style models use bias-free layers and RMSNorm, so BitFit has nothing to train there; "
+         "use another method (e.g. ia3 or lora).",
+)
+
+register_method(
+    "bitfit", BitFitConfig, _build, family="selective", sites=("parallel",), merges=True, per_row=True,
+    example="bitfit[module_types=Linear|LayerNorm]", default_lr=1e-2, needs=(HAS_BIASES,),
+)
