@@ -189,3 +189,24 @@ def test_list_methods_and_api_names():
     assert {"lora", "dora", "lora_fa"} <= set(methods) and methods == sorted(methods)
     for name in ["apply", "load", "LoraConfig", "list_methods", "param_groups", "zoo"]:
         assert hasattr(peftlab, name)
+
+
+def test_second_container_on_an_adapted_model_is_refused(tiny, tmp_path):
+    """apply() on a model that another PeftModel already hooks would stack hooks and change the
+    first container's outputs; it is refused, and the first container is unaffected."""
+    model, batch = tiny("llama")
+    first = peftlab.apply(model, "lora[r=4]")
+    randomize_adapter(first)
+    with torch.no_grad():
+        before = first_output(first(**batch)).clone()
+    with pytest.raises(ValueError, match=r"already carries adapters \['default'\].*add_adapter"):
+        peftlab.apply(model, "ia3", adapter_name="other")
+    first.save(tmp_path)
+    with pytest.raises(ValueError, match="add_adapter"):
+        peftlab.load(model, tmp_path, adapter_name="again")
+    with torch.no_grad():
+        torch.testing.assert_close(first_output(first(**batch)), before, atol=0, rtol=0)
+    # After unload() the plain model takes a new container again.
+    plain = first.unload()
+    second = peftlab.apply(plain, "ia3")
+    assert second.adapters == ["default"]

@@ -76,6 +76,18 @@ def _checkpointing(model: nn.Module) -> bool:
     return False
 
 
+def adapters_attached_to(model: nn.Module) -> list[str]:
+    """Names of the adapters some PeftModel has hooked into ``model`` (read from the hooks
+    themselves, so a container that was dropped without ``unload()`` is found too)."""
+    names: list[str] = []
+    for module in model.modules():
+        for hook in (*module._forward_hooks.values(), *module._forward_pre_hooks.values()):
+            owner = getattr(hook, "__self__", None)
+            if isinstance(owner, Dispatcher):
+                names += [n for n in owner.deltas if n not in names]
+    return names
+
+
 class PeftModel(nn.Module):
     """A base model with named adapters. Call it exactly like the base model."""
 
@@ -83,6 +95,15 @@ class PeftModel(nn.Module):
         super().__init__()
         if isinstance(model, PeftModel):
             raise TypeError("model is already a PeftModel; call add_adapter on it instead")
+        attached = adapters_attached_to(model)
+        if attached:
+            # A second container would stack its hooks on the first one's: both would change, and
+            # unloading one would leave the model adapted by the other.
+            raise ValueError(
+                f"this {type(model).__name__} already carries adapters {attached} of another PeftModel; "
+                "add to that one with pm.add_adapter(name, config) and pm.set_adapter(name), "
+                "or call pm.unload() first to get the plain model back"
+            )
         self.model = model
         self.adapter_modules = nn.ModuleDict()
         self.configs: dict[str, AdapterConfig | UnionConfig] = {}
@@ -431,6 +452,8 @@ def apply(
     ``config`` is a config object, a dict, or a method string such as
     ``"lora[r=8,alpha=16,targets=q_proj|v_proj]"``. ``overrides`` set config fields (on the first
     part of a union), e.g. ``modules_to_save=["classifier"]``. The base parameters are frozen.
+    A plain model that another ``PeftModel`` already hooks is refused with a ``ValueError`` that
+    points to ``pm.add_adapter`` (a second set of hooks would change the first container's outputs).
     """
     cfg = as_config(config)
     if overrides:
