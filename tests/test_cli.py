@@ -1,9 +1,14 @@
-"""The ``peftlab`` command: user errors exit with status 2 and one line; ``info``; and (once the zoo
-and apply exist) a real end-to-end training run on MiniLM."""
+"""The ``peftlab`` command: user errors exit with status 2 and one line; ``info``; ``methods``; the
+default learning rate from the registry (on a tiny model directory); the layering of the command
+line (train and bench never import ``peftlab.cli``); and a real end-to-end training run on MiniLM."""
 
 from __future__ import annotations
 
+import ast
 import json
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -11,8 +16,11 @@ import torch
 from safetensors.torch import save_file
 
 import peftlab
-from peftlab.train.cli import main
+from peftlab.cli import main
+from peftlab.core.registry import get_method, list_methods
 from peftlab.train.data import find_data_dir
+
+ROOT = Path(__file__).resolve().parents[1]
 
 needs_data = pytest.mark.skipif(find_data_dir() is None, reason="benchmark data (shared/data) not found")
 
@@ -73,10 +81,103 @@ def test_info_with_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert "123,456" in out and "0.5000 -> 0.7500" in out and "3.0 MiB" in out
 
 
+def test_entry_point_is_the_top_level_cli() -> None:
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["peftlab"] == "peftlab.cli:main"
+
+
+def test_methods_lists_every_registered_method() -> None:
+    run = subprocess.run([sys.executable, "-m", "peftlab", "methods"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=300, check=True)
+    lines = run.stdout.strip().splitlines()
+    assert lines[0].split()[:4] == ["name", "family", "sites", "merges"] and "default lr" in lines[0]
+    assert [line.split()[0] for line in lines[1:]] == list_methods()
+    lora = next(line for line in lines if line.split()[0] == "lora")
+    assert f"{get_method('lora').default_lr:g}" in lora and get_method("lora").example in lora
+
+
+def test_methods_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["methods", "--json"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in records] == list_methods()
+    for r in records:
+        spec = get_method(r["name"])
+        assert r["default_lr"] == spec.default_lr and r["family"] == spec.family
+        assert r["sites"] == list(spec.sites) and r["merges"] == spec.merges and r["per_row"] == spec.per_row
+        assert r["peft_type"] == (spec.peft.peft_type if spec.peft else None) and r["example"] == spec.example
+
+
+def _imported_modules(path: Path, package: str) -> set[str]:
+    """Every module ``path`` (a module of ``package``) imports, anywhere in it, as absolute names;
+    plus string constants naming peftlab modules (``importlib.import_module("...")``)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parent, base] if base else parent)
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("peftlab."):
+            names.add(node.value)
+    return names
+
+
+@pytest.mark.parametrize("layer", ["train", "bench"])
+def test_lower_layers_do_not_import_the_command_line(layer: str) -> None:
+    files = sorted((ROOT / "peftlab" / layer).rglob("*.py"))
+    assert files
+    for path in files:
+        package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+        bad = {n for n in _imported_modules(path, package) if n == "peftlab.cli" or n.startswith("peftlab.cli.")}
+        assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+@pytest.fixture(scope="module")
+def tiny_run_args(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """Arguments for a one-step ``peftlab train`` on a tiny random BERT directory and a 16-row TSV."""
+    from transformers import BertTokenizer
+
+    from peftlab.zoo import tiny_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    model_dir = root / "bert"
+    tiny_model("bert").save_pretrained(model_dir)
+    words = ["good", "bad", "fine", "awful", "movie", "plot"]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizer(str(root / "vocab.txt")).save_pretrained(model_dir)
+    rows = [f"{w} {n}\t{int(w in ('good', 'fine'))}" for w in words[:4] for n in words[4:]] * 2
+    (root / "train.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+    return ["train", "--model", str(model_dir), "--data", str(root / "train.tsv"), "--eval-data",
+            str(root / "train.tsv"), "--text-cols", "sentence", "--label-col", "label", "--max-steps", "1",
+            "--batch-size", "8", "--max-length", "8", "--no-progress", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("method", ["bitfit", "houlsby[reduction_factor=8]+lora[r=2]"])
+def test_train_without_lr_uses_the_method_default(method: str, tiny_run_args: list[str], tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*tiny_run_args, "--method", method, "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    report = json.loads((tmp_path / "report.json").read_text())
+    first = method.split("[")[0]
+    assert report["lr"] == get_method(first).default_lr and report["lr_source"] == "method default"
+    assert report["steps"] == 1
+
+
+def test_train_with_lr_records_it(tiny_run_args: list[str], tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*tiny_run_args, "--method", "lora[r=2]", "--lr", "0.0123", "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["lr"] == 0.0123 and report["lr_source"] == "--lr"
+
+
 @pytest.mark.real
 @needs_data
-@pytest.mark.skipif(not (hasattr(peftlab, "apply") and hasattr(getattr(peftlab, "zoo", None), "load")),
-                    reason="peftlab.apply / peftlab.zoo.load not written yet")
 def test_train_minilm_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
     code = main(["train", "--model", "minilm", "--task", "glue_sst2", "--method", "lora[r=8]",

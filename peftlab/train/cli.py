@@ -1,15 +1,15 @@
-"""The ``peftlab`` command: ``train`` an adapter, show its ``info``, or run the ``bench``.
+"""The ``train`` and ``info`` subcommands of the ``peftlab`` command (dispatched by :mod:`peftlab.cli`).
 
-Bad input (unknown task, missing file, unknown column, bad method string...) prints one line
-``peftlab: error: ...`` to stderr and exits with status 2.
+This layer defines their arguments (:func:`add_train_arguments`, :func:`add_info_arguments`) and
+runs them (:func:`run_train`, :func:`run_info`); it never imports :mod:`peftlab.cli`. Bad input
+(unknown task, missing file, unknown column, bad method string...) raises :class:`CliError`, which
+the ``peftlab`` command prints as one line ``peftlab: error: ...`` to stderr, exiting with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
-import inspect
 import json
 import sys
 import time
@@ -17,6 +17,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import peftlab
+from peftlab.core.config import config_parts, parse_method_string
+from peftlab.core.registry import get_method
 from peftlab.train.examples import DataError, Examples
 from peftlab.train.report import (
     REPORT_FILE,
@@ -34,7 +37,8 @@ class CliError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
 
 
-def _one_line(err: BaseException) -> str:
+def one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line (a KeyError's message without its quotes)."""
     text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
     return " ".join(str(text).split()) or type(err).__name__
 
@@ -46,17 +50,17 @@ def user_errors(*kinds: type[BaseException]) -> Iterator[None]:
     try:
         yield
     except caught as err:
-        raise CliError(_one_line(err)) from err
+        raise CliError(one_line(err)) from err
 
 
 # -- argument parsing ---------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``peftlab`` command."""
-    parser = argparse.ArgumentParser(prog="peftlab", description="Parameter-efficient fine-tuning.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,info,bench}")
+TRAIN_HELP = "fine-tune a model with a PEFT method and save the adapter"
+INFO_HELP = "show what an adapter directory holds"
 
-    train = sub.add_parser("train", help="fine-tune a model with a PEFT method and save the adapter")
+
+def add_train_arguments(train: argparse.ArgumentParser) -> None:
+    """The arguments of ``peftlab train``, added to ``train`` (its subparser)."""
     train.add_argument("--model", default="minilm", help="zoo name (minilm, smollm2) or a Hugging Face model directory")
     train.add_argument("--task", help=f"registered task: {', '.join(TASKS)}")
     train.add_argument("--data", help="your own train file (.csv, .tsv, .jsonl, .json) instead of --task")
@@ -69,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="directory for the adapter and report.json")
     train.add_argument("--epochs", type=int, default=1)
     train.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
-    train.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3, for adapters)")
+    train.add_argument("--lr", type=float, default=None,
+                       help="peak learning rate (default: the method's default_lr, see peftlab methods; "
+                            "for a union a+b, that of its first part)")
     train.add_argument("--loraplus-ratio", type=float, default=1.0, help="LoRA+: lr of B = ratio x lr")
     train.add_argument("--weight-decay", type=float, default=0.0)
     train.add_argument("--warmup-ratio", type=float, default=0.06)
@@ -83,11 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    info = sub.add_parser("info", help="show what an adapter directory holds")
-    info.add_argument("dir", help="adapter directory (written by peftlab train or pm.save)")
 
-    sub.add_parser("bench", help="run the benchmark (arguments go to peftlab.bench)", add_help=False)
-    return parser
+def add_info_arguments(info: argparse.ArgumentParser) -> None:
+    """The arguments of ``peftlab info``, added to ``info`` (its subparser)."""
+    info.add_argument("dir", help="adapter directory (written by peftlab train or pm.save)")
 
 
 # -- train ----------------------------------------------------------------------------------------
@@ -114,23 +119,18 @@ def _load_data(args: argparse.Namespace) -> tuple[Examples, Examples, str]:
     return train, evals, train.task or args.task
 
 
-def _peftlab() -> Any:
-    import peftlab  # noqa: PLC0415
-
-    missing = [n for n in ("apply", "zoo") if not hasattr(peftlab, n)]
-    if missing or not hasattr(peftlab.zoo, "load"):
-        raise CliError("this peftlab build has no peftlab.apply / peftlab.zoo.load yet")
-    return peftlab
-
-
-def _load_model(peftlab: Any, name: str, examples: Examples, seed: int) -> tuple[Any, Any]:
-    load = peftlab.zoo.load
-    kwargs: dict[str, Any] = {"task": examples.kind, "num_labels": examples.num_labels}
-    with contextlib.suppress(TypeError, ValueError):
-        if "seed" in inspect.signature(load).parameters:
-            kwargs["seed"] = seed
+def _load_model(name: str, examples: Examples) -> tuple[Any, Any]:
+    # A fresh task head is initialised with a fixed seed by the zoo, so every load gives the same model.
     with user_errors(ValueError, KeyError, OSError, ImportError):
-        return load(name, **kwargs)
+        return peftlab.zoo.load(name, task=examples.kind, num_labels=examples.num_labels)
+
+
+def method_default_lr(method: str) -> float:
+    """The ``default_lr`` the registry declares for ``method`` (a method string; for a union
+    ``a[...]+b[...]``, that of its first part)."""
+    with user_errors(ValueError, KeyError):
+        first = config_parts(parse_method_string(method))[0]
+        return get_method(first.method).default_lr
 
 
 def _device(name: str) -> str:
@@ -141,8 +141,12 @@ def _device(name: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def run_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    """``peftlab train``: evaluate, apply the method, train, evaluate again, save, report."""
+def run_train(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
+    """``peftlab train``: evaluate, apply the method, train, evaluate again, save, report.
+
+    ``argv`` (recorded in the report; default ``sys.argv[1:]``) is the command line that gave ``args``.
+    Without ``--lr`` the method's registered ``default_lr`` is used; the report records the lr used.
+    """
     from peftlab.train.data import head_module_names, make_loader  # noqa: PLC0415
     from peftlab.train.evaluation import evaluate_model  # noqa: PLC0415
     from peftlab.train.trainer import Trainer  # noqa: PLC0415
@@ -151,10 +155,11 @@ def run_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CliError(f"--out {out} exists and is not a directory")
+    lr = args.lr if args.lr is not None else method_default_lr(args.method)
+    lr_source = "--lr" if args.lr is not None else "method default"
     train_ex, eval_ex, data_name = _load_data(args)
-    peftlab = _peftlab()
     device = _device(args.device)
-    model, tokenizer = _load_model(peftlab, args.model, train_ex, args.seed)
+    model, tokenizer = _load_model(args.model, train_ex)
     with user_errors(ValueError):
         train_loader = make_loader(train_ex, tokenizer, args.batch_size, args.max_length, shuffle=True, seed=args.seed)
         eval_loader = make_loader(eval_ex, tokenizer, args.batch_size, args.max_length)
@@ -166,12 +171,9 @@ def run_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     overrides = {"modules_to_save": heads} if heads and "modules_to_save" not in args.method else {}
     with user_errors(ValueError, KeyError):
         pm = peftlab.apply(model, args.method, **overrides)
-    groups = None
-    if hasattr(peftlab, "param_groups"):
-        groups = peftlab.param_groups(pm, lr=args.lr, loraplus_ratio=args.loraplus_ratio,
-                                      weight_decay=args.weight_decay)
+    groups = peftlab.param_groups(pm, lr=lr, loraplus_ratio=args.loraplus_ratio, weight_decay=args.weight_decay)
     trainer = Trainer(
-        pm, train_loader, eval_loader, optimizer_groups=groups, lr=args.lr, epochs=args.epochs,
+        pm, train_loader, eval_loader, optimizer_groups=groups, lr=lr, epochs=args.epochs,
         max_steps=args.max_steps, warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
         grad_accum=args.grad_accum, eval_every=args.eval_every,
         checkpoint_dir=out / "checkpoints" if args.eval_every else None,
@@ -193,11 +195,11 @@ def run_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "metrics_before": before, "metrics_after": result["eval"],
         "train_examples": len(train_ex), "eval_examples": len(eval_ex),
         "label_names": train_ex.label_names, "kind": train_ex.kind,
-        "batch_size": args.batch_size, "max_length": args.max_length, "lr": args.lr,
+        "batch_size": args.batch_size, "max_length": args.max_length, "lr": lr, "lr_source": lr_source,
         "loraplus_ratio": args.loraplus_ratio,
         **{k: v for k, v in result.items() if k != "eval"},
         "total_time_s": time.perf_counter() - started,
-        "argv": list(argv), "seed": args.seed, "versions": versions(),
+        "argv": list(sys.argv[1:] if argv is None else argv), "seed": args.seed, "versions": versions(),
     }
     write_report(out, report)
     print(format_table(summary_rows(report), title=f"peftlab train -> {out}"))
@@ -252,36 +254,3 @@ def run_info(args: argparse.Namespace) -> int:
         rows.append((path.name, format_bytes(path.stat().st_size)))
     print(format_table(rows, title=f"adapter {directory}"))
     return 0
-
-
-# -- entry point ----------------------------------------------------------------------------------
-
-def run_bench(argv: Sequence[str]) -> int:
-    """``peftlab bench ...``: hand the arguments to ``peftlab.bench.cli.main``."""
-    try:
-        bench_cli = importlib.import_module("peftlab.bench.cli")
-    except ImportError as err:
-        raise CliError(f"peftlab bench is not available in this install ({_one_line(err)})") from err
-    return int(bench_cli.main(list(argv)) or 0)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``peftlab`` command with ``argv`` (default ``sys.argv[1:]``); returns 0 on success.
-
-    User errors print ``peftlab: error: <reason>`` and raise ``SystemExit(2)``, as argparse does.
-    """
-    args_list = list(sys.argv[1:] if argv is None else argv)
-    try:
-        if args_list[:1] == ["bench"]:
-            return run_bench(args_list[1:])
-        args = build_parser().parse_args(args_list)
-        if args.command == "train":
-            return run_train(args, args_list)
-        return run_info(args)
-    except (CliError, DataError) as err:
-        print(f"peftlab: error: {_one_line(err)}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-if __name__ == "__main__":
-    sys.exit(main())

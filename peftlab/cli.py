@@ -1,0 +1,116 @@
+"""The ``peftlab`` command: ``train`` an adapter, show its ``info``, run the ``bench``, list the
+registered ``methods``.
+
+This module only dispatches: each subcommand's arguments and implementation live in its own layer
+(``train`` and ``info`` in :mod:`peftlab.train.cli`, ``bench`` in :mod:`peftlab.bench.cli`), and
+those layers never import this one. Only ``methods``, which reads the registry, is implemented here.
+
+Bad input (unknown task, missing file, unknown column, bad method string...) prints one line
+``peftlab: error: ...`` to stderr and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from peftlab.core.registry import method_specs
+from peftlab.train.cli import (
+    INFO_HELP,
+    TRAIN_HELP,
+    CliError,
+    add_info_arguments,
+    add_train_arguments,
+    one_line,
+    run_info,
+    run_train,
+)
+from peftlab.train.examples import DataError
+
+BENCH_HELP = "run the benchmark (arguments go to peftlab.bench)"
+METHODS_HELP = "list the registered PEFT methods (name, family, sites, merges, default lr, ...)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``peftlab`` command (``bench`` parses its own arguments)."""
+    parser = argparse.ArgumentParser(prog="peftlab", description="Parameter-efficient fine-tuning.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,info,bench,methods}")
+    add_train_arguments(sub.add_parser("train", help=TRAIN_HELP))
+    add_info_arguments(sub.add_parser("info", help=INFO_HELP))
+    sub.add_parser("bench", help=BENCH_HELP, add_help=False)
+    methods = sub.add_parser("methods", help=METHODS_HELP, description=METHODS_HELP)
+    methods.add_argument("--json", action="store_true", help="print the registry as a JSON list")
+    return parser
+
+
+# -- methods --------------------------------------------------------------------------------------
+
+def method_records() -> list[dict[str, Any]]:
+    """One plain-JSON record per registered method, sorted by name."""
+    return [
+        {
+            "name": spec.name,
+            "family": spec.family,
+            "sites": list(spec.sites),
+            "merges": spec.merges,
+            "per_row": spec.per_row,
+            "peft_type": spec.peft.peft_type if spec.peft is not None else None,
+            "default_lr": spec.default_lr,
+            "example": spec.example,
+        }
+        for spec in method_specs()
+    ]
+
+
+def _columns(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in (header, *rows))
+
+
+def run_methods(args: argparse.Namespace) -> int:
+    """``peftlab methods [--json]``: the method registry as a table, or as JSON."""
+    records = method_records()
+    if args.json:
+        print(json.dumps(records, indent=2))
+        return 0
+    header = ("name", "family", "sites", "merges", "per-row batching", "PEFT type", "default lr", "example")
+    yes_no = {True: "yes", False: "no"}
+    rows = [(r["name"], r["family"], ",".join(r["sites"]), yes_no[r["merges"]], yes_no[r["per_row"]],
+             r["peft_type"] or "-", f"{r['default_lr']:g}", r["example"]) for r in records]
+    print(_columns(header, rows))
+    return 0
+
+
+# -- entry point ----------------------------------------------------------------------------------
+
+def run_bench(argv: Sequence[str]) -> int:
+    """``peftlab bench ...``: hand the arguments to ``peftlab.bench.cli.main``."""
+    try:
+        bench_cli = importlib.import_module("peftlab.bench.cli")
+    except ImportError as err:
+        raise CliError(f"peftlab bench is not available in this install ({one_line(err)})") from err
+    return int(bench_cli.main(list(argv)) or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``peftlab`` command with ``argv`` (default ``sys.argv[1:]``); returns 0 on success.
+
+    User errors print ``peftlab: error: <reason>`` and raise ``SystemExit(2)``, as argparse does.
+    """
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if args_list[:1] == ["bench"]:
+            return run_bench(args_list[1:])
+        args = build_parser().parse_args(args_list)
+        if args.command == "train":
+            return run_train(args, args_list)
+        if args.command == "methods":
+            return run_methods(args)
+        return run_info(args)
+    except (CliError, DataError) as err:
+        print(f"peftlab: error: {one_line(err)}", file=sys.stderr)
+        raise SystemExit(2) from None
