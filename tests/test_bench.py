@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-pytest.importorskip("peft")
+import peft  # noqa: E402,F401  (a dev dependency: installed by make test from the lock)
 
 from peftlab.bench import cli  # noqa: E402
 from peftlab.bench.libs import LIBS, VARIANTS  # noqa: E402
@@ -82,7 +82,7 @@ def test_train_row_in_a_fresh_subprocess():
 
 
 def test_peftlab_command_forwards_to_bench(tmp_path, capsys):
-    from peftlab.train.cli import main as peftlab_main
+    from peftlab.cli import main as peftlab_main
 
     out = tmp_path / "b.json"
     assert peftlab_main(["bench", "lora", *FAST, "--only", "infer", "--no-plot", "--out", str(out)]) == 0

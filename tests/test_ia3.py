@@ -17,7 +17,7 @@ from conftest import assert_mixed_batch_equals_per_adapter, spy_on_routed, asser
 from peftlab.core import io
 from peftlab.methods.additive.ia3 import IA3Config, IA3Delta
 
-peft = pytest.importorskip("peft")
+import peft  # noqa: E402  (a dev dependency: installed by make test from the lock)
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
