@@ -1,0 +1,64 @@
+"""LoRA-family configs and their options: rank, scale, dropout, init (LoRA, DoRA, LoRA-FA).
+
+The scale is s = α / r, or α / √r with rsLoRA (Kalajdzievski 2023). ``init`` picks how A and B start:
+``kaiming`` (PEFT's default) or ``gaussian`` (A random, B = 0), or ``pissa`` / ``olora`` (the top-r
+SVD, resp. QR, factors of W0; see ``functional.principal_factors``). The PEFT file format of these configs
+is in ``peft_file.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from torch import nn
+
+from peftlab.core.config import AdapterConfig
+
+#: Query and value projections of the common architectures (Llama, BERT, GPT-2, T5, ViT).
+DEFAULT_TARGETS = ["q_proj", "v_proj", "query", "value", "c_attn", "q", "v"]
+INITS = ("kaiming", "gaussian", "pissa", "olora")
+
+
+@dataclass(kw_only=True)
+class LoraConfig(AdapterConfig):
+    """LoRA: rank ``r``, scale ``alpha / r`` (``alpha / sqrt(r)`` with ``rslora``), input dropout."""
+
+    r: int = 8
+    alpha: float = 8
+    dropout: float = 0.0
+    rslora: bool = False
+    init: str = "kaiming"
+
+    def validate(self) -> None:
+        self._check(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0, "r", "a positive int")
+        self._check(isinstance(self.alpha, (int, float)) and self.alpha > 0, "alpha", "a positive number")
+        self._check(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, "dropout", "a number in [0, 1)")
+        self._check(isinstance(self.rslora, bool), "rslora", "true or false")
+        self._check(self.init in INITS, "init", f"one of {', '.join(INITS)}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+    def to_peft(self, placed: Mapping[str, nn.Module] | None = None) -> dict[str, Any]:
+        """Hugging Face PEFT's ``LoraConfig`` fields for this config (see ``peft_file.config_to_peft``)."""
+        # Imported here: the file format reads these config classes, and the deltas of ``placed``.
+        from peftlab.methods.reparam.lora.peft_file import config_to_peft
+
+        return config_to_peft(self, placed)
+
+
+@dataclass(kw_only=True)
+class DoraConfig(LoraConfig):
+    """DoRA: LoRA on the direction, plus a trainable magnitude per output row."""
+
+
+@dataclass(kw_only=True)
+class LoraFaConfig(LoraConfig):
+    """LoRA-FA: A frozen at a random orthogonal init, only B is trained."""
+
+    def validate(self) -> None:
+        super().validate()
+        self._check(self.init in ("kaiming", "gaussian"), "init", "kaiming or gaussian (A is frozen)")
