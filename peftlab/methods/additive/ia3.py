@@ -22,7 +22,6 @@ output-site modules and (1, in) for feed-forward ones; config fields ``peft_type
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -32,6 +31,13 @@ from torch import nn
 from peftlab.core.config import AdapterConfig, ConfigError
 from peftlab.core.delta import Delta, broadcast_rows, per_row
 from peftlab.core.layers import layer_info, to_module_layout, weight_out_in
+from peftlab.core.peft_format import (
+    exclude_to_peft,
+    modules_to_save_from_peft,
+    modules_to_save_to_peft,
+    targets_from_peft,
+    targets_to_peft,
+)
 from peftlab.core.registry import PeftFormat, register_method
 from peftlab.core.targeting import TargetError, entry_matches, is_linear, select_modules
 
@@ -42,9 +48,6 @@ DEFAULT_FEEDFORWARD = ["down_proj", _BERT_FFN_OUT, "DenseReluDense.wo", "mlp.c_p
 #: Keys and values (GPT-2: the fused q/k/v projection) plus the feed-forward projections.
 DEFAULT_TARGETS = ["k_proj", "v_proj", "key", "value", "SelfAttention.k", "SelfAttention.v", "EncDecAttention.k",
                    "EncDecAttention.v", "c_attn", *DEFAULT_FEEDFORWARD]
-#: PEFT's ``task_type`` SEQ_CLS / TOKEN_CLS write both names; read back, one entry matching either.
-PEFT_CLS_HEADS = ["classifier", "score"]
-CLS_HEAD_ENTRY = r"re:(?:.*\.)?(?:classifier|score)"
 
 
 @dataclass(kw_only=True)
@@ -71,20 +74,19 @@ class IA3Config(AdapterConfig):
         try:
             if self.module_types is not None:
                 raise ConfigError("module_types")
-            target_modules = _entries_to_peft(targets, self.layers)
+            target_modules = targets_to_peft(targets, self.layers, layers_field=False)
         except ConfigError:
             return {"peft_type": "PEFTLAB"}
-        # Always a regex: PEFT's feed-forward list rule is ``name.endswith(entry)`` without the dot,
-        # which can select more than our entries do.
-        ff = "(?:" + "|".join(_alt(e) for e in feedforward) + ")" if feedforward else []
         return {
             "peft_type": "IA3",
             "target_modules": target_modules,
-            "exclude_modules": _entries_to_peft(self.exclude) if self.exclude else None,
-            "feedforward_modules": ff,
+            "exclude_modules": exclude_to_peft(self.exclude),
+            # Always a regex: PEFT's feed-forward list rule is ``name.endswith(entry)`` without the
+            # dot, which can select more than our entries do.
+            "feedforward_modules": targets_to_peft(feedforward, bare_suffix=True),
             "fan_in_fan_out": any(isinstance(d, IA3Delta) and d.kind == "conv1d" for d in (placed or {}).values()),
             "init_ia3_weights": True,
-            "modules_to_save": _modules_to_save_to_peft(self.modules_to_save),
+            "modules_to_save": modules_to_save_to_peft(self.modules_to_save, placed),
             "task_type": None,
             "inference_mode": True,
             "base_model_name_or_path": None,
@@ -92,58 +94,14 @@ class IA3Config(AdapterConfig):
         }
 
 
-def _alt(entry: str) -> str:
-    """A regex with the same meaning as one targeting entry."""
-    return entry[3:] if entry.startswith("re:") else rf"(?:.*\.)?{re.escape(entry)}"
-
-
-def _entries_to_peft(entries: list[str] | None, layers: list[int] | None = None) -> list[str] | str | None:
-    """Our entries as PEFT's ``target_modules``: the list of suffixes, or one regex when an entry is a
-    regex or ``layers`` restricts them (PEFT's IA3 has no ``layers_to_transform``)."""
-    if entries is None:
-        return None
-    if entries == ["all-linear"] and not layers:
-        return "all-linear"
-    if "all-linear" in entries:
-        raise ConfigError("targets: 'all-linear' cannot be combined with other entries or layers in a PEFT file")
-    if not layers and not any(e.startswith("re:") for e in entries):
-        return list(entries)
-    look = ""
-    if layers:
-        alts = "|".join(str(i) for i in sorted(set(layers)))
-        look = rf"(?=(?:[^.]*[^.0-9][^.]*\.|\.)*0*(?:{alts})(?:\.|$))"  # first all-digit part in layers
-    return look + "(?:" + "|".join(_alt(e) for e in entries) + ")"
-
-
-def _from_peft_entries(value: Any, feedforward: bool = False) -> list[str] | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return ["all-linear"] if value == "all-linear" else ["re:" + value]
-    if feedforward:  # PEFT tests ``name.endswith(entry)`` (no dot) for feed-forward lists: one regex
-        return ["re:.*(?:" + "|".join(re.escape(e) for e in sorted(value)) + ")"] if value else []
-    return sorted(value)
-
-
-def _modules_to_save_to_peft(entries: list[str] | None) -> list[str] | None:
-    if entries is None:
-        return None
-    out: list[str] = []
-    for e in entries:
-        out += PEFT_CLS_HEADS if e == CLS_HEAD_ENTRY else [e]
-    return list(dict.fromkeys(out))
-
-
 def _config_from_peft(d: dict[str, Any]) -> IA3Config:
-    names = list(dict.fromkeys(d.get("modules_to_save") or [])) or None
-    if names and d.get("task_type") in ("SEQ_CLS", "TOKEN_CLS") and all(h in names for h in PEFT_CLS_HEADS):
-        names = [n for n in names if n not in PEFT_CLS_HEADS] + [CLS_HEAD_ENTRY]
+    """Our config from PEFT's IA3 fields (no ``feedforward_modules``: no feed-forward module)."""
     ff = d.get("feedforward_modules")
     return IA3Config(
-        targets=_from_peft_entries(d.get("target_modules")),
-        exclude=_from_peft_entries(d.get("exclude_modules")),
-        feedforward=_from_peft_entries(ff, feedforward=True) if ff is not None else [],
-        modules_to_save=names,
+        targets=targets_from_peft(d.get("target_modules")),
+        exclude=targets_from_peft(d.get("exclude_modules")),
+        feedforward=targets_from_peft(ff, bare_suffix=True) if ff is not None else [],
+        modules_to_save=modules_to_save_from_peft(d),
     )
 
 

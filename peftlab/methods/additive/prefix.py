@@ -75,14 +75,11 @@ from peftlab.core.model_calls import (
     new_length,
     store_in_cache,
 )
+from peftlab.core.peft_format import modules_to_save_from_peft, modules_to_save_to_peft
 from peftlab.core.registry import PeftFormat, register_method
 from peftlab.core.requirements import KV_CACHE_MODEL
 
 INITS = ("random", "zero", "tokens")
-#: PEFT's task_type SEQ_CLS / TOKEN_CLS writes both head names to ``modules_to_save``; read back they
-#: become one entry matching either (the same entry LoRA uses), written back as both.
-PEFT_CLS_HEADS = ["classifier", "score"]
-CLS_HEAD_ENTRY = r"re:(?:.*\.)?(?:classifier|score)"
 #: models whose layer loop itself passes no cache to checkpointed layers (so no prefix either)
 _DROPS_CACHE_WHEN_CHECKPOINTING = ("gpt2", "decision_transformer")
 _TAG = "_peftlab_prefix"  # attribute of a cache that a prefix delta created: what it already holds
@@ -161,7 +158,7 @@ class PrefixConfig(AdapterConfig):
             "encoder_hidden_size": self.hidden,
             "prefix_projection": self.projection,
             "init_weights": "zero" if self.effective_init == "zero" else None,
-            "modules_to_save": _heads_to_peft(self.modules_to_save),
+            "modules_to_save": modules_to_save_to_peft(self.modules_to_save, placed),
             "inference_mode": True,
             "base_model_name_or_path": None,
             "revision": None,
@@ -180,21 +177,8 @@ def _from_peft(d: dict[str, Any]) -> PrefixConfig:
         num_attention_heads=d.get("num_attention_heads"),
         num_transformer_submodules=d.get("num_transformer_submodules"),
         task_type=d.get("task_type"),
-        modules_to_save=_heads_from_peft(d),
+        modules_to_save=modules_to_save_from_peft(d),
     )
-
-
-def _heads_to_peft(entries: list[str] | None) -> list[str] | None:
-    if entries is None:
-        return None
-    return list(dict.fromkeys(h for e in entries for h in (PEFT_CLS_HEADS if e == CLS_HEAD_ENTRY else [e])))
-
-
-def _heads_from_peft(d: dict[str, Any]) -> list[str] | None:
-    names = list(dict.fromkeys(d.get("modules_to_save") or [])) or None
-    if names and d.get("task_type") in ("SEQ_CLS", "TOKEN_CLS") and all(h in names for h in PEFT_CLS_HEADS):
-        names = [n for n in names if n not in PEFT_CLS_HEADS] + [CLS_HEAD_ENTRY]
-    return names
 
 
 

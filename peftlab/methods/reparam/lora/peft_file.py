@@ -3,27 +3,29 @@
 PEFT writes DoRA as LORA with ``use_dora=true``: the one reader turns such files into ``DoraConfig``.
 Targeting that PEFT's fields cannot say (a regex restricted to ``layers``) is folded into one regex;
 modules named in ``modules_to_save`` are never targeted, as in PEFT. PEFT fields that change what the
-adapter computes and that peftlab does not implement are refused on reading, never ignored.
+adapter computes and that peftlab does not implement are refused on reading, never ignored. The
+translation of targets, layers and ``modules_to_save`` is shared with other methods
+(``peftlab/core/peft_format.py``).
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any, Mapping
 
 from torch import nn
 
 from peftlab.core.config import ConfigError
-from peftlab.core.delta import HeadCopy
 from peftlab.core.layers import layer_info
+from peftlab.core.peft_format import (
+    exclude_to_peft,
+    modules_to_save_from_peft,
+    modules_to_save_to_peft,
+    targets_from_peft,
+    targets_to_peft,
+)
 from peftlab.core.targeting import entry_matches
 from peftlab.methods.reparam.lora.config import DEFAULT_TARGETS, DoraConfig, LoraConfig
 from peftlab.methods.reparam.lora.deltas import LoraConv2d, LoraEmbedding, LoraLinear
-
-#: PEFT's ``task_type`` SEQ_CLS / TOKEN_CLS add both names to ``modules_to_save``, whichever the model
-#: has; read back, they become this one entry, which matches either (and is written back as both).
-PEFT_CLS_HEADS = ["classifier", "score"]
-CLS_HEAD_ENTRY = r"re:(?:.*\.)?(?:classifier|score)"
 
 
 def config_to_peft(cfg: LoraConfig, placed: Mapping[str, nn.Module] | None = None) -> dict[str, Any]:
@@ -44,7 +46,7 @@ def config_to_peft(cfg: LoraConfig, placed: Mapping[str, nn.Module] | None = Non
     elif placed is not None and cfg.targets is None:
         target_modules = [e for e in DEFAULT_TARGETS if any(entry_matches(e, n) for n in lora)]
     else:
-        target_modules = _targets_to_peft(targets, layers)
+        target_modules = targets_to_peft(targets, layers)
     if isinstance(target_modules, str) and target_modules != "all-linear":
         layers = None  # folded into the regex: PEFT refuses layers_to_transform with a regex
     fan_in_fan_out = any(
@@ -56,13 +58,13 @@ def config_to_peft(cfg: LoraConfig, placed: Mapping[str, nn.Module] | None = Non
         "lora_alpha": cfg.alpha,
         "lora_dropout": cfg.dropout,
         "target_modules": target_modules,
-        "exclude_modules": _targets_to_peft(exclude) if exclude else None,
+        "exclude_modules": exclude_to_peft(exclude),
         "layers_to_transform": layers,
         "layers_pattern": None,
         "use_rslora": cfg.rslora,
         "use_dora": cfg.method == "dora",
         "init_lora_weights": {"kaiming": True}.get(cfg.init, cfg.init),
-        "modules_to_save": _modules_to_save_to_peft(cfg.modules_to_save, placed),
+        "modules_to_save": modules_to_save_to_peft(cfg.modules_to_save, placed),
         "bias": "none",
         "fan_in_fan_out": fan_in_fan_out,
         "rank_pattern": {},
@@ -72,50 +74,6 @@ def config_to_peft(cfg: LoraConfig, placed: Mapping[str, nn.Module] | None = Non
         "base_model_name_or_path": None,
         "revision": None,
     }
-
-
-def _targets_to_peft(entries: list[str] | None, layers: list[int] | None = None) -> list[str] | str | None:
-    """Our entries as PEFT's ``target_modules``: a list of suffixes (``layers`` then go to PEFT's
-    ``layers_to_transform``), or one regex if any is ``re:``, with ``layers`` folded in."""
-    if entries is None:
-        return None
-    if entries == ["all-linear"]:
-        return "all-linear"
-    if not any(e.startswith("re:") or e == "all-linear" for e in entries):
-        return list(entries)
-    if "all-linear" in entries:
-        raise ConfigError("targets: 'all-linear' cannot be combined with other entries in a PEFT file")
-    alts = [e[3:] if e.startswith("re:") else rf"(?:.*\.)?{re.escape(e)}" for e in entries]
-    return (_layers_lookahead(layers) if layers else "") + "(?:" + "|".join(alts) + ")"
-
-
-def _layers_lookahead(layers: list[int]) -> str:
-    """A regex lookahead that holds when a name's first all-digit part is in ``layers`` (peftlab's rule)."""
-    alts = "|".join(str(i) for i in sorted(set(layers)))
-    return rf"(?=(?:[^.]*[^.0-9][^.]*\.|\.)*0*(?:{alts})(?:\.|$))"
-
-
-def _modules_to_save_to_peft(entries: list[str] | None, placed: Mapping[str, nn.Module] | None) -> list[str] | None:
-    """PEFT's ``modules_to_save`` (plain names matched as suffixes: no regex)."""
-    if entries is None:
-        return None
-    out: list[str] = []
-    for e in entries:
-        if e == CLS_HEAD_ENTRY:
-            out += PEFT_CLS_HEADS
-        elif e.startswith("re:") and placed is not None:
-            out += [n for n, d in placed.items() if isinstance(d, HeadCopy) and entry_matches(e, n)]
-        else:
-            out.append(e)
-    return list(dict.fromkeys(out))
-
-
-def _targets_from_peft(value: Any) -> list[str] | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return ["all-linear"] if value.lower() == "all-linear" else ["re:" + value]
-    return list(value)
 
 
 #: PEFT fields that change what the adapter computes and that peftlab does not implement.
@@ -141,13 +99,6 @@ def _init_from_peft(init: Any) -> str:
     )
 
 
-def _modules_to_save_from_peft(d: dict[str, Any]) -> list[str] | None:
-    names = list(dict.fromkeys(d.get("modules_to_save") or [])) or None
-    if names and d.get("task_type") in ("SEQ_CLS", "TOKEN_CLS") and all(h in names for h in PEFT_CLS_HEADS):
-        names = [n for n in names if n not in PEFT_CLS_HEADS] + [CLS_HEAD_ENTRY]
-    return names
-
-
 def config_from_peft(d: dict[str, Any]) -> LoraConfig:
     """Our config from PEFT's LORA fields (``DoraConfig`` when ``use_dora``)."""
     for unsupported in _PEFT_UNSUPPORTED:
@@ -163,8 +114,8 @@ def config_from_peft(d: dict[str, Any]) -> LoraConfig:
         dropout=float(d.get("lora_dropout", 0.0)),
         rslora=bool(d.get("use_rslora", False)),
         init=init,
-        targets=_targets_from_peft(d.get("target_modules")),
-        exclude=_targets_from_peft(d.get("exclude_modules")),
+        targets=targets_from_peft(d.get("target_modules")),
+        exclude=targets_from_peft(d.get("exclude_modules")),
         layers=d.get("layers_to_transform"),
-        modules_to_save=_modules_to_save_from_peft(d),
+        modules_to_save=modules_to_save_from_peft(d),
     )
