@@ -55,11 +55,13 @@ class PeftFormat:
 
     ``write(config, placed)`` returns PEFT's config fields (``placed`` = {module name: delta} of a
     placed adapter, or None) or ``{"peft_type": "PEFTLAB"}`` for a config PEFT cannot express;
-    ``read(fields)`` turns PEFT's fields for ``peft_type`` into our config.
+    ``read(fields)`` turns PEFT's fields for ``peft_type`` into our config. Exactly one method reads
+    a ``peft_type``; variants that PEFT writes under the same type (DoRA is ``LORA`` with
+    ``use_dora``) declare ``read=None`` and are recognised by that one reader.
     """
 
     peft_type: str
-    read: Callable[[dict[str, Any]], AdapterConfig]
+    read: Callable[[dict[str, Any]], AdapterConfig] | None
     write: Callable[[AdapterConfig, "dict[str, nn.Module] | None"], dict[str, Any]]
 
 
@@ -137,13 +139,13 @@ def register_method(
         raise ValueError(f"method {name!r}: sites {sites!r} must be a non-empty subset of {SITE_KINDS}")
     if not default_lr > 0:
         raise ValueError(f"method {name!r}: default_lr must be positive")
-    if peft is not None and peft.peft_type in _BY_PEFT_TYPE:
+    if peft is not None and peft.read is not None and peft.peft_type in _BY_PEFT_TYPE:
         raise ValueError(f"PEFT type {peft.peft_type!r} is read by {_BY_PEFT_TYPE[peft.peft_type].name!r} already")
     config_cls.method = name
     spec = MethodSpec(name, config_cls, build, family, tuple(sites), merges, per_row, example, default_lr,
                       peft, tuple(needs))
     _METHODS[name] = spec
-    if peft is not None:
+    if peft is not None and peft.read is not None:
         _BY_PEFT_TYPE[peft.peft_type] = spec
     return spec
 

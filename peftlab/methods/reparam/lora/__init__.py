@@ -64,7 +64,8 @@ def _build(model: nn.Module, cfg: LoraConfig) -> dict[str, Delta]:
     return placed
 
 
-# PEFT writes DoRA as LORA with use_dora=true: the one reader turns such files into DoraConfig.
+# PEFT writes DoRA and LoRA-FA's files as LORA (DoRA with use_dora=true): lora's reader turns them
+# back into DoraConfig / LoraConfig, so the variants only write.
 register_method(
     "lora", LoraConfig, _build, family="reparam", sites=("parallel",), merges=True, per_row=True,
     example="lora[r=8,alpha=16,targets=q_proj|v_proj]", default_lr=3e-3,
@@ -73,8 +74,10 @@ register_method(
 register_method(
     "dora", DoraConfig, _build, family="reparam", sites=("parallel",), merges=True, per_row=True,
     example="dora[r=8,alpha=16]", default_lr=3e-3,
+    peft=PeftFormat("LORA", read=None, write=DoraConfig.to_peft),
 )
 register_method(
     "lora_fa", LoraFaConfig, _build, family="reparam", sites=("parallel",), merges=True, per_row=True,
     example="lora_fa[r=8,alpha=16,init=gaussian]", default_lr=3e-3,
+    peft=PeftFormat("LORA", read=None, write=LoraFaConfig.to_peft),
 )
