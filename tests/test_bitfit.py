@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import peftlab
-from conftest import add_noise_to_biases, assert_mixed_batch_equals_per_adapter, spy_on_routed, assert_student_learns_teacher, main_output, randomize_adapter, tiny_net
+from conftest import add_noise_to_biases, assert_mixed_batch_equals_per_adapter, spy_on_routed, main_output, randomize_adapter, tiny_net
 from peftlab.core import io
 from peftlab.methods.selective.bitfit import BiasDelta, BitFitConfig
 
@@ -117,15 +117,6 @@ def test_model_without_biases_is_a_clear_error():
         peftlab.apply(llama(), "bitfit")
 
 
-# -- 2. identity at init ----------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", list(MODELS))
-def test_identity_at_init(kind):
-    model = MODELS[kind]()
-    base = out(model)
-    pm = peftlab.apply(model, "bitfit")
-    assert torch.equal(out(pm), base)
-
-
 # -- 3. counts --------------------------------------------------------------------------------------
 def test_counts_match_formula():
     d, ff, layers = 32, 64, 2
@@ -210,15 +201,6 @@ def test_adapters_coexist_and_mixed_batch_is_gathered(monkeypatch):
     names = ["a", None, "b"]
     assert_mixed_batch_equals_per_adapter(pm, names)
     assert calls and all(calls)  # every routed bias delta took the gathered path
-
-
-# -- 5. it trains ---------------------------------------------------------------------------------------
-def test_trains_and_only_biases_get_gradients():
-    """A fresh adapter learns to reproduce the outputs of a randomized one (a reachable target)."""
-    model = bert_cls().train()
-    params = assert_student_learns_teacher(model, "bitfit", lr=1e-2)
-    # every bias of the encoder gets a gradient (the unused classifier/pooler path aside)
-    assert sum(p.grad is not None and p.grad.abs().sum() > 0 for p in params) >= len(params) - 2
 
 
 # -- config -------------------------------------------------------------------------------------------

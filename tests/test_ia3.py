@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import peftlab
-from conftest import assert_mixed_batch_equals_per_adapter, spy_on_routed, assert_student_learns_teacher, main_output, randomize_adapter, tiny_net
+from conftest import assert_mixed_batch_equals_per_adapter, spy_on_routed, main_output, randomize_adapter, tiny_net
 from peftlab.core import io
 from peftlab.methods.additive.ia3 import IA3Config, IA3Delta
 
@@ -283,14 +283,6 @@ def test_mixed_batch_equals_per_adapter(monkeypatch):
     names = ["b", None, "a"]
     assert_mixed_batch_equals_per_adapter(pm, names)
     assert calls and all(calls)  # output and input sites both took the gathered path
-
-
-# -- 5. it trains ---------------------------------------------------------------------------------------
-def test_trains_and_only_adapter_gets_gradients():
-    """A fresh adapter learns to reproduce the hidden states of a randomized one (a reachable target)."""
-    model = llama().train()
-    params = assert_student_learns_teacher(model, "ia3", lr=3e-2)
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
 
 
 # -- config -------------------------------------------------------------------------------------------

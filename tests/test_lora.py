@@ -199,17 +199,3 @@ def test_param_groups_loraplus(tiny):
     assert sum(p.numel() for g in groups.values() for p in g["params"]) == n_trainable
 
 
-def test_lora_trains_on_tiny_model(tiny):
-    model, batch = tiny("llama", task="causal-lm")
-    pm = peftlab.apply(model, "lora[r=4,alpha=8,targets=all-linear]")
-    opt = torch.optim.AdamW(peftlab.param_groups(pm, lr=1e-2))
-    labels = batch["input_ids"].clone()
-    losses = []
-    for _ in range(40):
-        loss = pm(**batch, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.9 * losses[0]  # random tiny weights: LoRA learns slowly but surely
-    assert all(p.grad is None for p in model.parameters()), "the base gets no gradient"

@@ -12,13 +12,16 @@ from __future__ import annotations
 import json
 import math
 
+import peft
 import pytest
 import torch
 import transformers
+from packaging.version import Version
 from safetensors.torch import load_file
 
 import peftlab
 from peftlab.core.config import ConfigError
+from peftlab.core.model_calls import cache_argument
 from peftlab.methods.additive.prefix import PrefixConfig, decoder_slot, split_prefix
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -121,6 +124,13 @@ def test_config_validation_and_string_round_trip():
                 {"init": "tokens", "projection": True}):
         with pytest.raises(ConfigError):
             PrefixConfig(**bad)
+    for field, value in (("num_layers", 0), ("token_dim", -8), ("num_attention_heads", "4"), ("num_layers", True),
+                         ("num_transformer_submodules", 3), ("num_transformer_submodules", True)):
+        with pytest.raises(ConfigError, match=field):
+            PrefixConfig(**{field: value})
+    with pytest.raises(ConfigError, match="num_layers"):
+        peftlab.parse_method_string("prefix[length=4,num_layers=0]")
+    assert PrefixConfig(num_layers=2, token_dim=16, num_attention_heads=2, num_transformer_submodules=1).num_layers == 2
     cfg = peftlab.parse_method_string("prefix[length=5,projection=true,hidden=16]")
     assert isinstance(cfg, PrefixConfig) and (cfg.length, cfg.projection, cfg.hidden) == (5, True, 16)
     with pytest.raises(ConfigError, match="applied"):
@@ -294,7 +304,8 @@ def test_cache_continuation_and_stacked_prefixes():
         first = pm(input_ids=ids, attention_mask=mask, use_cache=True)
         nxt = first.logits[:, -1].argmax(-1, keepdim=True)
         mask2 = torch.cat([mask, torch.ones_like(nxt)], 1)
-        step = pm(input_ids=nxt, attention_mask=mask2, past_key_values=first.past_key_values).logits[:, -1]
+        name = cache_argument(pm.model)  # cache (transformers 5.24) or past_key_values (4.57)
+        step = pm(input_ids=nxt, attention_mask=mask2, **{name: getattr(first, name)}).logits[:, -1]
         full = pm(input_ids=torch.cat([ids, nxt], 1), attention_mask=mask2).logits[:, -1]
         assert (step - full).abs().max() <= TOL
         pm.add_adapter("other", "prefix[length=2]")
@@ -388,7 +399,7 @@ def test_tokens_init_is_the_models_own_keys_and_values():
     torch.manual_seed(5)
     words = torch.randint(0, 128, (1, 4))
     with torch.no_grad():
-        cache = model(input_ids=words, use_cache=True).past_key_values
+        cache = getattr(model(input_ids=words, use_cache=True), cache_argument(model))
     kv = split_prefix(delta(pm).prompt_embeddings.detach(), 2, 2)
     for layer in range(2):
         assert torch.allclose(kv[layer][0], cache.layers[layer].keys[0], atol=1e-6)
@@ -418,7 +429,16 @@ def test_t5_forward_labels_padding_and_generate(encoder):
 
 
 # -- Hugging Face PEFT interoperability ---------------------------------------------------------------
-peft = pytest.importorskip("peft")
+#: Hugging Face PEFT (0.21.2, the newest release) hands its prefix to the model as ``past_key_values``,
+#: the argument transformers 5.24 renamed ``cache``. There PEFT's prefix ``generate`` loses the prefix
+#: (transformers warns "Both `past_key_values` and `cache` are set ... ignoring deprecated
+#: `past_key_values`", so PEFT generates the base model's tokens) and its SEQ_CLS prefix forward raises
+#: "Model does not support past key values which are required for prefix tuning." A PEFT bug, not ours:
+#: its outputs are compared with ours only where PEFT works; files are compared everywhere.
+PEFT_MISSES_CACHE_RENAME = (Version(transformers.__version__) >= Version("5.24")
+                            and Version(peft.__version__) <= Version("0.21.2"))
+PEFT_BROKEN = ("PEFT <= 0.21.2 passes its prefix as past_key_values, which transformers >= 5.24 renamed cache "
+               "(PEFT bug)")
 
 
 def _peft_model(make, **kw):
@@ -452,11 +472,21 @@ def test_peft_file_loads_with_same_outputs(make, kw, tmp_path):
     inputs = _inputs(make)
     with torch.no_grad():
         assert (pm(**inputs).logits - pp(**inputs).logits).abs().max() <= TOL
-    if make is llama:  # PEFT's generate too
-        with torch.no_grad():
-            ours = pm.generate(input_ids=inputs["input_ids"], max_new_tokens=5, do_sample=False)
-            theirs = pp.generate(input_ids=inputs["input_ids"], max_new_tokens=5, do_sample=False)
-        assert torch.equal(ours, theirs)
+
+
+@pytest.mark.xfail(PEFT_MISSES_CACHE_RENAME, reason=PEFT_BROKEN, raises=AssertionError, strict=True)
+@pytest.mark.parametrize("kw", [{}, {"prefix_projection": True, "encoder_hidden_size": 8}])
+def test_peft_generate_equals_ours(kw, tmp_path):
+    pp = _peft_model(llama, **kw)
+    pp.save_pretrained(tmp_path)
+    pm = peftlab.load(llama(), tmp_path)
+    ids = _inputs(llama)["input_ids"]
+    with torch.no_grad():
+        ours = pm.generate(input_ids=ids, max_new_tokens=5, do_sample=False)
+        theirs = pp.generate(input_ids=ids, max_new_tokens=5, do_sample=False)
+        base = llama().generate(input_ids=ids, max_new_tokens=5, do_sample=False)
+    assert not torch.equal(ours, base)  # the prefix changes these tokens: equal to PEFT is a real check
+    assert torch.equal(ours, theirs)
 
 
 @pytest.mark.parametrize("make, cfg", [
@@ -477,17 +507,16 @@ def test_our_file_loads_in_peft_with_same_outputs(make, cfg, tmp_path):
             assert ours[key] == (value.value if hasattr(value, "value") else value), key
 
 
-def test_peft_seq_cls_file_with_head_loads(tmp_path):
-    pp = peft.get_peft_model(bert_cls(), peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4))
-    pp.save_pretrained(tmp_path)
-    pm = peftlab.load(bert_cls(), tmp_path)
-    ids, mask = ids_and_mask(batch=1, pad=0)
-    with torch.no_grad():
-        assert (pm(input_ids=ids, attention_mask=mask).logits - pp(input_ids=ids, attention_mask=mask).logits
-                ).abs().max() <= TOL
-
-
-def test_our_seq_cls_file_with_trained_head_loads_in_peft(tmp_path):
+def _seq_cls_pair(direction, tmp_path):
+    """(ours, PEFT's) BERT classifiers with the same prefix and head, the file written by the other side."""
+    if direction == "peft file":
+        pp = peft.get_peft_model(bert_cls(), peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4))
+        with torch.no_grad():  # "trained": prefix and head both move away from the fresh base
+            for p in pp.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.3)
+        pp.save_pretrained(tmp_path)
+        return peftlab.load(bert_cls(), tmp_path), pp.eval()
     pm = peftlab.apply(bert_cls(), PrefixConfig(length=4), modules_to_save=["classifier"])
     with torch.no_grad():  # a head that differs from the fresh base's, so a lost head would show
         for p in pm.parameters():
@@ -495,14 +524,33 @@ def test_our_seq_cls_file_with_trained_head_loads_in_peft(tmp_path):
                 p.add_(torch.randn_like(p) * 0.3)
     pm.save(tmp_path)
     assert any(k.startswith("base_model.classifier.") for k in load_file(str(tmp_path / "adapter_model.safetensors")))
-    pp = peft.PeftModel.from_pretrained(bert_cls(), tmp_path).eval()
+    return pm, peft.PeftModel.from_pretrained(bert_cls(), tmp_path).eval()
+
+
+@pytest.mark.parametrize("direction", ["peft file", "our file"])
+def test_seq_cls_file_with_head_loads_both_ways(direction, tmp_path):
+    """The prefix and the trained head arrive whole on the other side (compared as tensors)."""
+    pm, pp = _seq_cls_pair(direction, tmp_path)
+    torch.testing.assert_close(delta(pm).prompt_embeddings, pp.prompt_encoder["default"].embedding.weight,
+                               atol=0, rtol=0)
+    ours = {n.rsplit(".", 1)[1]: p for n, p in pm.named_parameters() if p.requires_grad and ".classifier." in n}
+    theirs = {n.rsplit(".", 1)[1]: p for n, p in pp.named_parameters() if ".classifier.modules_to_save.default." in n}
+    assert sorted(ours) == sorted(theirs) == ["bias", "weight"]
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert not torch.equal(ours["weight"], bert_cls().classifier.weight)  # a trained head, not the base's
+
+
+@pytest.mark.xfail(PEFT_MISSES_CACHE_RENAME, reason=PEFT_BROKEN, raises=ValueError, strict=True)
+@pytest.mark.parametrize("direction", ["peft file", "our file"])
+def test_seq_cls_outputs_equal_peft(direction, tmp_path):
+    pm, pp = _seq_cls_pair(direction, tmp_path)
     # BERT pads on the right. (Left-padded rows differ from PEFT by ~1e-5: we give a row's real tokens
     # the same positions whatever the padding, PEFT counts the pads; see test_padded_row_equals_row_alone.)
     ids, mask = ids_and_mask(batch=2, pad=1, side="right")
     with torch.no_grad():
         ours = pm(input_ids=ids, attention_mask=mask).logits
-        assert (ours - pp(input_ids=ids, attention_mask=mask).logits).abs().max() <= TOL
         assert (ours - bert_cls()(input_ids=ids, attention_mask=mask).logits).abs().max() > 1e-3
+        assert (ours - pp(input_ids=ids, attention_mask=mask).logits).abs().max() <= TOL
 
 
 def test_positional_input_ids_get_the_prefix_too():
