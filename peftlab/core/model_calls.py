@@ -6,6 +6,16 @@ positions. The pieces here are independent of any one method: reading the call (
 length, device, dtype), building caches (including a read-only layer that checkpointed layers may
 re-run), letting checkpointed transformers layers keep such a cache for one call, and hooking
 T5-style encoder self-attentions, whose encoder drops any cache it is given.
+
+transformers versions differ (all handled here, read from the model, never from a version number):
+the cache argument is ``cache`` in 5.24 and ``past_key_values`` in 4.57 (:func:`cache_argument`); a
+head whose own ``forward`` lacks it (BertForSequenceClassification) must get it to its backbone
+(:func:`pass_cache`); 4.57 drops the cache of every checkpointed layer without a switch
+(:func:`allow_cache_in_checkpoints`) and its ``generate`` counts the prompt from ``cache_position``
+and recomputes ``position_ids`` from the mask at each step (:func:`start_generation_after_cache`).
+The cache classes the code uses (``DynamicCache()``, ``EncoderDecoderCache(self, cross)``,
+``DynamicLayer()`` and its ``update(k, v)``, ``.layers``, ``.self_attention_cache``, ``.keys``,
+``.values``, ``get_seq_length()``) behave the same in both.
 """
 
 from __future__ import annotations
@@ -13,16 +23,80 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from typing import Any, Iterator
+import weakref
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
+from peftlab.core.requirements import CACHE_ARGUMENT_NAMES
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The name under which ``model`` takes its key/value cache, read from its own ``forward``
+    signature: ``cache`` (transformers 5.24) or ``past_key_values`` (4.57). transformers uses the
+    same name for the cache a forward returns (``output.cache`` / ``output.past_key_values``), for
+    the keyword ``generate`` accepts and for what ``prepare_inputs_for_generation`` passes on, so
+    this one name serves for all of them. Works on layers too (T5's self-attention sublayer).
+
+    A head whose own ``forward`` has no such argument (BertForSequenceClassification) is read
+    through its backbone (``base_model``); :func:`pass_cache` delivers the cache there.
+
+    Raises:
+        TypeError: naming the class, when neither the module nor its backbone takes a cache
+            (ViTModel, a plain ``nn.Module``).
+    """
+    for module in dict.fromkeys((model, getattr(model, "base_model", model))):
+        params = inspect.signature(module.forward).parameters
+        for name in CACHE_ARGUMENT_NAMES:
+            if name in params:
+                return name
+    raise TypeError(f"{type(model).__name__} takes no key/value cache: its forward has no argument named "
+                    f"{' or '.join(CACHE_ARGUMENT_NAMES)}")
+
+
+def pass_cache(model: nn.Module, kw: dict, cache: Any) -> str:
+    """Put ``cache`` into the call's keyword arguments under the model's own name (returned).
+
+    When the model's own ``forward`` does not name that argument (a head over a backbone that
+    takes the cache: BertForSequenceClassification, with no ``**kwargs`` in 4.57), the next call of
+    ``model`` hands it on: a pre-hook takes it out of the head's arguments, a pre-hook on
+    ``base_model`` puts it back, and both are removed when that call ends (or fails)."""
+    name = cache_argument(model)
+    kw[name] = cache
+    if name in inspect.signature(model.forward).parameters:
+        return name
+    backbone, held = model.base_model, []
+
+    def take(module: nn.Module, args: tuple, kwargs: dict):
+        handles[0].remove()
+        if kwargs.get(name) is None:
+            return None
+        kwargs = dict(kwargs)
+        held.append(kwargs.pop(name))
+        return args, kwargs
+
+    def give(module: nn.Module, args: tuple, kwargs: dict):
+        if held and kwargs.get(name) is None:
+            return args, {**kwargs, name: held[0]}
+        return None
+
+    def done(module: nn.Module, args: tuple, output: Any) -> None:
+        handles[1].remove()
+        handles[2].remove()
+
+    handles = [model.register_forward_pre_hook(take, with_kwargs=True),
+               backbone.register_forward_pre_hook(give, with_kwargs=True),
+               model.register_forward_hook(done, always_call=True)]
+    return name
+
 
 @contextlib.contextmanager
 def injected_self_attention_cache(blocks: list[nn.Module], cache: Any, p: int) -> Iterator[None]:
-    """While inside: each encoder self-attention gets ``past_key_values=cache`` (its layer holds P_k,
-    P_v) and a mask with p visible columns prepended. The hooks are removed on exit."""
+    """While inside: each encoder self-attention gets ``cache`` under its own argument name
+    (:func:`cache_argument`; its layer holds P_k, P_v) and a mask with p visible columns prepended.
+    The hooks are removed on exit."""
+    names = {b: cache_argument(b) for b in blocks}
 
     def hook(module: nn.Module, args: tuple, kwargs: dict):
         kwargs = dict(kwargs)
@@ -35,7 +109,7 @@ def injected_self_attention_cache(blocks: list[nn.Module], cache: Any, p: int) -
                 args[1] = mask
             else:
                 kwargs["attention_mask"] = mask
-        kwargs["past_key_values"] = cache
+        kwargs[names[module]] = cache
         return tuple(args), kwargs
 
     handles = [b.register_forward_pre_hook(hook, with_kwargs=True) for b in blocks]
@@ -47,7 +121,7 @@ def injected_self_attention_cache(blocks: list[nn.Module], cache: Any, p: int) -
 
 
 def encoder_self_attentions(encoder: nn.Module) -> list[nn.Module]:
-    """The encoder's self-attention sublayers that accept ``past_key_values`` (T5's layer[0])."""
+    """The encoder's self-attention sublayers that take a cache argument (T5's layer[0])."""
     blocks = getattr(encoder, "block", None)
     if blocks is None or not all(hasattr(b, "layer") for b in blocks):
         raise NotImplementedError(
@@ -142,23 +216,84 @@ def is_checkpointing(model: nn.Module) -> bool:
         getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
-def allow_cache_in_checkpoints(model: nn.Module) -> None:
-    """For the next call of ``model`` only: let its checkpointed layers keep our read-only cache
-    (transformers' ``_can_checkpoint_with_cache``, meant for layers that only read the cache). Two
-    one-shot hooks set the flag on the layers' instances and remove it after the call."""
-    layers = [m for m in model.modules() if getattr(m, "_can_checkpoint_with_cache", None) is False]
+def allow_cache_in_checkpoints(model: nn.Module, cache: Any) -> None:
+    """For the next call of ``model`` only: let its checkpointed layers keep ``cache``, our read-only
+    cache. Two one-shot hooks set this up on the layers' instances and undo it after the call.
+
+    transformers 5.24 has a switch, ``_can_checkpoint_with_cache`` (meant for layers that only read
+    the cache), set on the instances. 4.57 has none: a checkpointed layer's ``__call__`` always sets
+    its cache argument to None before handing the call to ``_gradient_checkpointing_func``; that
+    function is wrapped (on the instance) so the call it checkpoints gets ``cache`` back, both in
+    forward and when backward runs the layer again."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    flagged = [m for m in model.modules() if getattr(m, "_can_checkpoint_with_cache", None) is False]
+    wrapped = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)
+               and not hasattr(m, "_can_checkpoint_with_cache") and m.__dict__.get("_gradient_checkpointing_func")]
+
+    def keeping_cache(checkpoint: Callable, name: str) -> Callable:
+        def run(fn: Callable, *args: Any, **kwargs: Any) -> Any:
+            return checkpoint(functools.partial(fn, **{name: cache}), *args, **kwargs)
+        return run
 
     def before(module: nn.Module, args: tuple) -> None:
-        for m in layers:
+        for m in flagged:
             m._can_checkpoint_with_cache = True
+        for m in wrapped:
+            m._gradient_checkpointing_func = keeping_cache(m._gradient_checkpointing_func, cache_argument(m))
         handles[0].remove()
 
     def after(module: nn.Module, args: tuple, output: Any) -> None:
-        for m in layers:
+        for m in flagged:
             m.__dict__.pop("_can_checkpoint_with_cache", None)
+        for m, original in originals.items():
+            m._gradient_checkpointing_func = original
         handles[1].remove()
 
+    originals = {m: m._gradient_checkpointing_func for m in wrapped}
+
     handles = [model.register_forward_pre_hook(before), model.register_forward_hook(after, always_call=True)]
+
+
+def start_generation_after_cache(model: nn.Module, kw: dict, cache: Any, seen: int, new: int,
+                                 positions: Callable[[torch.Tensor, int], torch.Tensor] | None = None):
+    """Let ``generate`` start from ``cache``, which already holds ``seen`` entries (a prefix) before
+    the ``new`` prompt tokens of ``kw``; for a decoder-only model, ``positions(mask, new)`` gives the
+    ``position_ids`` of a call's last ``new`` tokens from its whole 2-D attention mask. Returns the
+    hook handle described below, or None.
+
+    transformers 5.24 needs nothing: the mask is longer than the prompt, so it runs every prompt
+    token, and it extends the given ``position_ids`` by one per step. 4.57's ``generate`` (its
+    ``prepare_inputs_for_generation`` takes ``cache_position``) derives the tokens to run from
+    ``cache_position``, by default counted from the cache length (the prompt would lose ``seen``
+    tokens): it gets ``cache_position = seen … seen+new−1``; as 4.57 would pass that (and the cache)
+    to an encoder too, an encoder-decoder's encoder is run here and generate gets ``encoder_outputs``.
+    It also recomputes ``position_ids``
+    from the mask at every step, so, with ``positions``, a pre-hook gives each forward call that
+    carries ``cache`` and a ``cache_position`` (generate's calls) ``positions(mask, new)`` instead;
+    the hook goes when the cache is freed (or by the handle)."""
+    if "cache_position" not in inspect.signature(model.prepare_inputs_for_generation).parameters:
+        return None
+    kw["cache_position"] = torch.arange(seen, seen + new, device=call_device(kw))
+    if getattr(model.config, "is_encoder_decoder", False) and kw.get("encoder_outputs") is None:
+        # 4.57's generate would hand the encoder cache_position (and the cache) too: run it here
+        names = ("input_ids", "inputs_embeds", "attention_mask", "output_attentions", "output_hidden_states")
+        with torch.no_grad():
+            kw["encoder_outputs"] = model.get_encoder()(**{k: kw[k] for k in names if kw.get(k) is not None},
+                                                        return_dict=True)
+    if positions is None:
+        return None
+    kw.pop("position_ids", None)  # ours: 4.57 would slice these, never extended, at every step
+    name, target = cache_argument(model), weakref.ref(cache)  # positions must not hold the cache either
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict):
+        if kwargs.get(name) is None or kwargs[name] is not target() or kwargs.get("cache_position") is None:
+            return None
+        return args, {**kwargs, "position_ids": positions(kwargs["attention_mask"], new_length(kwargs, False))}
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    weakref.finalize(cache, handle.remove)
+    return handle
 
 
 def model_dtype(model: nn.Module, ref: torch.Tensor) -> torch.dtype:

@@ -51,7 +51,6 @@ part, so decoder layer i reads slot (2i mod L); we mirror that so files give ide
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +62,7 @@ from peftlab.core.delta import ModelDelta
 from peftlab.core.model_calls import (
     accepts_argument,
     allow_cache_in_checkpoints,
+    cache_argument,
     call_batch_size,
     call_device,
     encoder_self_attentions,
@@ -73,6 +73,8 @@ from peftlab.core.model_calls import (
     model_dtype,
     new_cache,
     new_length,
+    pass_cache,
+    start_generation_after_cache,
     store_in_cache,
 )
 from peftlab.core.peft_format import modules_to_save_from_peft, modules_to_save_to_peft
@@ -130,15 +132,17 @@ class PrefixConfig(AdapterConfig):
             self._check(isinstance(getattr(self, name), bool), name, "true or false")
         self._check(self.init is None or self.init in INITS, "init", f"one of {', '.join(INITS)}")
         self._check(not (self.init == "tokens" and self.projection), "init", "random or zero with projection")
+        for name in ("num_layers", "token_dim", "num_attention_heads"):
+            v = getattr(self, name)
+            self._check(v is None or (isinstance(v, int) and not isinstance(v, bool) and v > 0), name,
+                        "None or a positive int")
+        self._check(self.num_transformer_submodules in (None, 1, 2) and not isinstance(
+            self.num_transformer_submodules, bool), "num_transformer_submodules", "None, 1 or 2")
 
     @property
     def effective_init(self) -> str:
         """``init``, or its default: ``tokens`` for a direct prefix, ``random`` with the projection."""
         return self.init or ("random" if self.projection else "tokens")
-        for name in ("num_layers", "token_dim", "num_attention_heads"):
-            v = getattr(self, name)
-            self._check(v is None or (isinstance(v, int) and v > 0), name, "None or a positive int")
-        self._check(self.num_transformer_submodules in (None, 1, 2), "num_transformer_submodules", "None, 1 or 2")
 
     def to_peft(self, placed: Any = None) -> dict[str, Any]:
         """Hugging Face PEFT's ``PrefixTuningConfig`` fields (a config that PEFT cannot express, with
@@ -209,10 +213,9 @@ def prefix_positions(real_mask: torch.Tensor, offset: int, new: int) -> torch.Te
 def _geometry(model: nn.Module) -> dict[str, Any]:
     """PEFT's prefix geometry of a transformers model (its ``_prepare_prompt_learning_config`` rules)."""
     cfg = getattr(model, "config", None)
-    backbone = getattr(model, "base_model", model)
-    if cfg is None or "past_key_values" not in inspect.signature(backbone.forward).parameters:
-        raise NotImplementedError(f"prefix tuning needs a transformers model that takes past_key_values; "
-                                  f"{type(model).__name__} does not")
+    if cfg is None:
+        raise NotImplementedError(f"prefix tuning needs a transformers model; {type(model).__name__} has no config")
+    cache_argument(model)  # TypeError naming the class when it takes no key/value cache
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     try:
         layers, heads = text.num_hidden_layers, text.num_attention_heads
@@ -325,10 +328,11 @@ class PrefixDelta(ModelDelta):
         enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
         from transformers import DynamicCache, EncoderDecoderCache
 
-        cache = kw.get("past_key_values")
+        name = cache_argument(model)  # the model's own name for the cache (transformers 5.24: cache)
+        cache = kw.get(name)
         tag = getattr(cache, _TAG, None)
         if cache is not None and tag is None and cache.get_seq_length() > 0:
-            raise ValueError("prefix tuning: past_key_values was not made by a prefixed call (it has no prefix)")
+            raise ValueError(f"prefix tuning: the {name} passed was not made by a prefixed call (it has no prefix)")
         encode = enc_dec and hasattr(self, "encoder_prompt_embeddings") and kw.get("encoder_outputs") is None
         if tag is not None and id(self) in tag["deltas"]:  # continuation of an earlier prefixed call
             if tag["reader"]:
@@ -356,21 +360,36 @@ class PrefixDelta(ModelDelta):
             tag = {"deltas": [], "length": 0, "rows": rows, "mask": kw.get(mask_key(enc_dec)), "reader": reader,
                    "new": new_length(kw, enc_dec), "positions": kw.get("position_ids") is not None}
             setattr(cache, _TAG, tag)
+            pass_cache(model, kw, cache)
             if reader:
-                allow_cache_in_checkpoints(model)
+                allow_cache_in_checkpoints(model, cache)
         self_cache = cache.self_attention_cache if enc_dec else cache
         dtype = model_dtype(model, ref)
         for layer, (k, v) in enumerate(self.layer_kv(ref, tag["rows"], dtype)):
             store_in_cache(self_cache, layer, k, v)
         tag["deltas"].append(id(self))
         tag["length"] += self.length
-        kw["past_key_values"] = cache
+        kw[name] = cache
         self._fix_mask(model, kw, tag, cache, enc_dec)
+        if generating:
+            self._start_generation(model, kw, tag, cache, enc_dec)
         if generating and not enc_dec and kw.get("inputs_embeds") is not None:
             # generate() slices inputs_embeds by the cache length: put p placeholder rows in front
             emb = kw["inputs_embeds"]
             kw["inputs_embeds"] = torch.cat([emb.new_zeros(emb.shape[0], self.length, emb.shape[2]), emb], dim=1)
         return kw
+
+    def _start_generation(self, model: nn.Module, kw: dict, tag: dict, cache: Any, enc_dec: bool) -> None:
+        """generate() starts after the prefixes, real tokens keep the positions of :meth:`_fix_mask`
+        (whichever way the installed transformers' generate needs it; one hook per cache)."""
+        total, start = tag["length"], tag["length"] if self.offset else 0
+        positions = None
+        if not enc_dec and not tag["positions"] and accepts_argument(model, "position_ids"):
+            def positions(mask: torch.Tensor, new: int) -> torch.Tensor:
+                return prefix_positions(mask[:, total:], start, new)
+        if tag.get("hook") is not None:  # an earlier prefix of the same call
+            tag["hook"].remove()
+        tag["hook"] = start_generation_after_cache(model, kw, cache, total, tag["new"], positions)
 
     def _fix_mask(self, model: nn.Module, kw: dict, tag: dict, cache: Any, enc_dec: bool) -> None:
         """mask ← [1 (all prefixes) ; m] with m the user's mask over the real tokens (past and new);
@@ -404,7 +423,7 @@ class PrefixDelta(ModelDelta):
 
         if any(hasattr(d, "encoder_prompt_embeddings") for s in slots for d in s):
             raise NotImplementedError("per-row prefixes with encoder=True are not supported")
-        if kwargs.get("past_key_values") is not None:
+        if kwargs.get(cache_argument(model)) is not None:
             raise NotImplementedError("per-row prefixes start from an empty cache")
         kw = dict(kwargs)
         enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
@@ -432,10 +451,17 @@ class PrefixDelta(ModelDelta):
         if mask is None:
             mask = torch.ones(slot.shape[0], new_length(kw, enc_dec), dtype=torch.long, device=slot.device)
         kw[key] = torch.cat([prefix_mask.to(mask.dtype), mask], dim=-1)
-        kw["past_key_values"] = cache
+        pass_cache(model, kw, cache)
+        positions = None
         if not enc_dec and kw.get("position_ids") is None and accepts_argument(model, "position_ids"):
             offset = lens[:, None] if ref.offset else 0
             kw["position_ids"] = prefix_positions(mask, 0, mask.shape[-1]) + offset
+            row_offset = torch.tensor([0, *lengths], device=slot.device)[gather][:, None] if ref.offset else 0
+
+            def positions(m: torch.Tensor, new: int) -> torch.Tensor:  # rows as generate expands them
+                return prefix_positions(m[:, p_max:], 0, new) + row_offset
+        if generating:
+            start_generation_after_cache(model, kw, cache, p_max, new_length(kwargs, enc_dec), positions)
         if generating and not enc_dec and kw.get("inputs_embeds") is not None:
             emb = kw["inputs_embeds"]
             kw["inputs_embeds"] = torch.cat([emb.new_zeros(emb.shape[0], p_max, emb.shape[2]), emb], dim=1)
@@ -473,7 +499,9 @@ def _token_prefix(model: nn.Module, cfg: PrefixConfig) -> torch.Tensor:
     was_training = model.training
     with torch.no_grad():
         model.eval()  # no dropout in the activations we copy; the mode is restored below
-        model(input_ids=ids, past_key_values=cache, **extra)
+        kw = {"input_ids": ids, **extra}
+        pass_cache(model, kw, cache)
+        model(**kw)
         model.train(was_training)
     layers = (cache.self_attention_cache if enc_dec else cache).layers
     heads = cfg.num_attention_heads
