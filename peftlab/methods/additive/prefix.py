@@ -24,8 +24,10 @@ adapter is saved as a peftlab-only file). T5's relative bias always sees the pre
 
 Generation: ``generate`` receives the pre-filled cache and the extended mask; since the mask is
 longer than ``input_ids``, transformers does not slice the prompt by the cache length, and the
-given ``position_ids`` are extended by one per step. The cache holds batch · max(num_beams,
-num_return_sequences) rows, as generate expands its inputs (not a user cache).
+given ``position_ids`` are extended by one per step (transformers 5.24; 4.57's generate needs
+``cache_position`` and per-step positions instead, see ``model_calls.start_generation_after_cache``).
+The cache holds batch · max(num_beams, num_return_sequences) rows, as generate expands its inputs
+(not a user cache). The cache argument's name is the model's own (``cache`` or ``past_key_values``).
 
 Several prefix adapters active together are concatenated ([P_a; P_b]); a cache returned by a
 prefixed call can be passed back (manual incremental decoding): the prefix is not added twice.
