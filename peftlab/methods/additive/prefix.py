@@ -458,6 +458,11 @@ class PrefixDelta(ModelDelta):
         if not enc_dec and kw.get("position_ids") is None and accepts_argument(model, "position_ids"):
             offset = lens[:, None] if ref.offset else 0
             kw["position_ids"] = prefix_positions(mask, 0, mask.shape[-1]) + offset
+            if not generating:
+                # A base row numbers its positions as the base model alone does (0, 1, ..., pads
+                # included), so it computes exactly the base model's output.
+                plain = torch.arange(mask.shape[-1], device=slot.device)[None, :]
+                kw["position_ids"] = torch.where((slot == -1)[:, None], plain, kw["position_ids"])
             row_offset = torch.tensor([0, *lengths], device=slot.device)[gather][:, None] if ref.offset else 0
 
             def positions(m: torch.Tensor, new: int) -> torch.Tensor:  # rows as generate expands them
