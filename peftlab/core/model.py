@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from peftlab.core import io
+from peftlab.core.model_calls import checkpointing_enabled, enable_checkpointing
 from peftlab.core.accounting import adapter_report
 from peftlab.core.config import AdapterConfig, UnionConfig, as_config, config_parts
 from peftlab.core.delta import HeadCopy, RecentCache
@@ -66,14 +67,6 @@ def _module_key(module_name: str, part: int, taken: Iterable[str]) -> str:
     while key in taken:
         key += "'"
     return key
-
-
-def _checkpointing(model: nn.Module) -> bool:
-    """Whether activation checkpointing is on (transformers 5 renamed the flag)."""
-    for flag in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-        if flag in dir(type(model)) or hasattr(model, "__dict__") and flag in model.__dict__:
-            return bool(getattr(model, flag))
-    return False
 
 
 def adapters_attached_to(model: nn.Module) -> list[str]:
@@ -258,7 +251,7 @@ class PeftModel(nn.Module):
         finally:
             # With activation checkpointing the backward pass re-runs the hooks, so the routing of a
             # training step must outlive the forward call; the next call replaces it.
-            keep = st.routing is not None and torch.is_grad_enabled() and _checkpointing(self.model)
+            keep = st.routing is not None and torch.is_grad_enabled() and checkpointing_enabled(self.model)
             if not keep:
                 st.routing = None
 
@@ -331,15 +324,10 @@ class PeftModel(nn.Module):
     def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
         """Turn on activation checkpointing in the base model (non-reentrant by default, so frozen
         inputs still let gradients reach the adapters)."""
-        kwargs.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
-        if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
-            rest = {k: v for k, v in kwargs.items() if k != "gradient_checkpointing_kwargs"}
-            self.model.activation_checkpointing_enable(kwargs["gradient_checkpointing_kwargs"], **rest)
-        else:
-            self.model.gradient_checkpointing_enable(**kwargs)
-        if kwargs["gradient_checkpointing_kwargs"].get("use_reentrant", True) and hasattr(
-            self.model, "enable_input_require_grads"
-        ):
+        checkpointing_kwargs = kwargs.pop("gradient_checkpointing_kwargs", None) or {"use_reentrant": False}
+        enable_checkpointing(self.model, checkpointing_kwargs, **kwargs)
+        if checkpointing_kwargs.get("use_reentrant", True):
+            # Reentrant checkpointing only backpropagates into segments whose inputs need grad.
             self.model.enable_input_require_grads()
 
     # -- merging --------------------------------------------------------------------------------

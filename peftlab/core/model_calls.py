@@ -29,7 +29,34 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from peftlab.core.requirements import CACHE_ARGUMENT_NAMES
+
+
+#: The names transformers has used for the key/value cache argument of ``forward`` (5.24 renamed it).
+CACHE_ARGUMENT_NAMES = ("cache", "past_key_values")
+
+
+def has_cache_argument(model: nn.Module) -> bool:
+    """Whether :func:`cache_argument` finds a cache argument (without raising)."""
+    try:
+        cache_argument(model)
+    except TypeError:
+        return False
+    return True
+
+
+def checkpointing_enabled(model: nn.Module) -> bool:
+    """Whether activation checkpointing is on in any layer of ``model`` (transformers sets
+    ``gradient_checkpointing`` on its layers in 4.57 and 5.x alike)."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+def enable_checkpointing(model: nn.Module, checkpointing_kwargs: dict[str, Any], **rest: Any) -> None:
+    """Turn on a transformers model's activation checkpointing under its version's name
+    (``activation_checkpointing_enable`` in 5.x, ``gradient_checkpointing_enable`` in 4.57)."""
+    if "activation_checkpointing_enable" in dir(model):
+        model.activation_checkpointing_enable(checkpointing_kwargs, **rest)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs, **rest)
 
 
 def cache_argument(model: nn.Module) -> str:
@@ -212,8 +239,7 @@ def reader_layer_class() -> type:
 
 def is_checkpointing(model: nn.Module) -> bool:
     """Training with activation checkpointing on (transformers then drops caches it could write twice)."""
-    return model.training and torch.is_grad_enabled() and any(
-        getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+    return model.training and torch.is_grad_enabled() and checkpointing_enabled(model)
 
 
 def allow_cache_in_checkpoints(model: nn.Module, cache: Any) -> None:

@@ -4,24 +4,16 @@ method's file."""
 
 from __future__ import annotations
 
-import inspect
-
 from torch import nn
 
+from peftlab.core.model_calls import has_cache_argument
 from peftlab.core.registry import Requirement
-
-#: The names transformers has used for the key/value cache argument of ``forward`` (5.24 renamed it).
-CACHE_ARGUMENT_NAMES = ("cache", "past_key_values")
 
 
 def takes_kv_cache(model: nn.Module) -> bool:
-    """Whether ``model`` is a transformers model (it has a ``config``) whose backbone's ``forward``
-    takes a key/value cache argument, under whichever name its transformers version uses."""
-    if getattr(model, "config", None) is None:
-        return False
-    backbone = getattr(model, "base_model", model)
-    params = inspect.signature(backbone.forward).parameters
-    return any(name in params for name in CACHE_ARGUMENT_NAMES)
+    """Whether ``model`` is a transformers model (it has a ``config``) that takes a key/value cache,
+    under whichever name its transformers version uses (``model_calls.cache_argument``)."""
+    return getattr(model, "config", None) is not None and has_cache_argument(model)
 
 
 KV_CACHE_MODEL = Requirement(
