@@ -12,6 +12,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def one_thread():
+    """Run a module's tests with one intra-op thread, then restore the count (wrap it as a fixture)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def first_output(out) -> torch.Tensor:
     """The main tensor of a model output (logits, or the last hidden state)."""
     for key in ("logits", "last_hidden_state"):

@@ -23,17 +23,15 @@ from peftlab.core.model_calls import cache_argument, pass_cache
 from peftlab.methods.additive.prefix import PrefixConfig
 from peftlab.zoo.tiny import tiny_model
 
+from conftest import one_thread
+
 NAMES = ("cache", "past_key_values")
 #: the name this transformers uses: the rename came with 5.24
 EXPECTED = "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny tensors: one intra-op thread is faster, and much faster when other jobs share the cores.
+_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 
 def signature_names(fn) -> list[str]:

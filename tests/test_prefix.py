@@ -24,17 +24,14 @@ from peftlab.core.config import ConfigError
 from peftlab.core.model_calls import cache_argument
 from peftlab.methods.additive.prefix import PrefixConfig, decoder_slot, split_prefix
 
+from conftest import one_thread
+
 pytestmark = pytest.mark.filterwarnings("ignore")
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and much faster when other jobs share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny tensors: one intra-op thread is faster, and much faster when other jobs share the cores.
+_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 
 # -- tiny models, built from configs ---------------------------------------------------------------

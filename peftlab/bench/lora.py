@@ -25,6 +25,7 @@ from torch import nn
 from peftlab.bench import libs
 from peftlab.bench.measure import MB, median, once, timed
 from peftlab.bench.models import SPECS, ModelSpec, load_model, logits, make_batch, prefill_kwargs
+from peftlab.core.model_calls import cache_argument
 from peftlab.train.memory import PeakMemory
 
 #: Rows of the training section: reference rows (no adapter) and the adapter variants.
@@ -219,15 +220,16 @@ def _decode(base, pl, pf, batch, routes, groups, spec, steps, device):
     step_ids = torch.randint(3, base.config.vocab_size, (rows, 1), generator=gen).to(device)
     step_mask = torch.ones(rows, batch["attention_mask"].shape[1] + 1, dtype=batch["attention_mask"].dtype, device=device)
     step = {"input_ids": step_ids, "attention_mask": step_mask}
+    arg = cache_argument(base)  # the model's own name for its cache, in its outputs and inputs alike
     with torch.no_grad():
-        caches: dict[str, Any] = {"base": base(**batch, **kw).past_key_values}
+        caches: dict[str, Any] = {"base": getattr(base(**batch, **kw), arg)}
         for n, names in routes.items():
-            caches[f"peftlab#{n}"] = pl(**batch, adapter_names=names, **kw).past_key_values
-            caches[f"peft#{n}"] = pf(**batch, adapter_names=names, **kw).past_key_values
+            caches[f"peftlab#{n}"] = getattr(pl(**batch, adapter_names=names, **kw), arg)
+            caches[f"peft#{n}"] = getattr(pf(**batch, adapter_names=names, **kw), arg)
             per_group = {}
             for name, r in groups[n].items():
                 pl.set_adapter(name)
-                per_group[name] = pl(**_select(batch, r), **kw).past_key_values
+                per_group[name] = getattr(pl(**_select(batch, r), **kw), arg)
             caches[f"switch#{n}"] = per_group
 
     def case(key: str, call: Callable[[Any], Any]) -> Callable[[], Callable[[], Any]]:
@@ -237,12 +239,12 @@ def _decode(base, pl, pf, batch, routes, groups, spec, steps, device):
 
         return prepare
 
-    cases = {"base": case("base", lambda c: base(**step, past_key_values=c, use_cache=True))}
+    cases = {"base": case("base", lambda c: base(**step, **{arg: c}, use_cache=True))}
     for n in routes:
-        cases[f"peftlab#{n}"] = case(f"peftlab#{n}", lambda c, n=n: pl(**step, past_key_values=c, adapter_names=routes[n], use_cache=True))
-        cases[f"peft#{n}"] = case(f"peft#{n}", lambda c, n=n: pf(**step, past_key_values=c, adapter_names=routes[n], use_cache=True))
+        cases[f"peftlab#{n}"] = case(f"peftlab#{n}", lambda c, n=n: pl(**step, **{arg: c}, adapter_names=routes[n], use_cache=True))
+        cases[f"peft#{n}"] = case(f"peft#{n}", lambda c, n=n: pf(**step, **{arg: c}, adapter_names=routes[n], use_cache=True))
         cases[f"switch#{n}"] = case(f"switch#{n}", lambda c, n=n: _switching(
-            pl, groups[n], lambda name, r: pl(**_select(step, r), past_key_values=c[name], use_cache=True)))
+            pl, groups[n], lambda name, r: pl(**_select(step, r), **{arg: c[name]}, use_cache=True)))
     return _interleaved(cases, steps, device)
 
 
