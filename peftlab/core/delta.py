@@ -183,7 +183,15 @@ class HeadCopy(Delta):
         return sum(p.numel() for p in base.parameters())
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        return self.module(x)
+        """copy(x), computed in the copy's dtype: the copy of a half-precision base stays float32 (as
+        every delta does) and its output is cast back to the base output's dtype."""
+        w = next((p for p in self.module.parameters() if p.is_floating_point()), None)
+        if w is None or not x.is_floating_point() or x.dtype == w.dtype:
+            return self.module(x)
+        out = self.module(x.to(w.dtype))
+        if isinstance(out, torch.Tensor) and isinstance(y, torch.Tensor) and y.is_floating_point():
+            out = out.to(y.dtype)
+        return out
 
     def file_state(self) -> dict[str, torch.Tensor]:
         return dict(self.module.state_dict())

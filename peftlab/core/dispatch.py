@@ -7,6 +7,9 @@ Composition: every active adapter is applied; parallel deltas are summed, then o
 applied in activation order. With per-row routing (a mixed batch), row i uses only the adapter in
 its slot; a delta class may implement ``forward_routed`` to do this as one gathered batched matmul,
 otherwise the dispatcher runs one sub-batch per adapter.
+
+The deltas follow their module: when the user moves or casts the base model, the next call moves or
+casts this module's deltas, or raises a clear error (``core/follow.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 from torch import nn
 
 from peftlab.core.delta import Delta
+from peftlab.core.follow import BaseRef, follow
 from peftlab.core.layers import is_adaptable_layer
 
 
@@ -68,6 +72,8 @@ class Dispatcher:
         self._slots_cache: dict[str, list[list[Delta]]] = {}
         # In-place addition is safe only on the fresh output of a plain layer, and only without autograd.
         self._inplace_ok = is_adaptable_layer(module)
+        # The module's device and dtype, read at each call from one tensor (core/follow.py).
+        self._base = BaseRef(module)
         self._handles = [
             module.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
             module.register_forward_hook(self._post_hook, with_kwargs=True),
@@ -86,6 +92,16 @@ class Dispatcher:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+    def follow_base(self, in_use: bool | None = None) -> None:
+        """Move or cast this module's deltas if the base module was moved or cast since the last
+        check (``core/follow.py``); ``in_use``: whether a call is about to use them (default: any
+        is active or routed here)."""
+        if not self._base.changed():
+            return
+        if in_use is None:
+            in_use = self.state.routing is not None or any(self._active_by_site().values())
+        follow([d for ds in self.deltas.values() for d in ds], self._base, f"module {self.name!r}", in_use)
 
     def _active_by_site(self) -> dict[str, list[Delta]]:
         if self._cache_version != self.state.version:
@@ -114,6 +130,8 @@ class Dispatcher:
 
     # -- hooks ----------------------------------------------------------------------------------
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
+        if self._base.changed():  # one tensor's device and dtype: the only per-call cost of following
+            self.follow_base()
         if self.state.routing is not None:
             slots = self._slots("input")
             if not any(slots):

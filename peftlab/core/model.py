@@ -22,6 +22,7 @@ from peftlab.core.accounting import adapter_report
 from peftlab.core.config import AdapterConfig, UnionConfig, as_config, config_parts
 from peftlab.core.delta import HeadCopy, RecentCache
 from peftlab.core.dispatch import AdapterState, Dispatcher, Routing
+from peftlab.core.follow import BaseRef, adapter_dtype, follow, refuse_meta
 from peftlab.core.registry import get_method
 from peftlab.core.targeting import TargetError, _nearest, entry_matches
 
@@ -57,9 +58,30 @@ def _match_device(delta: nn.Module, base: nn.Module) -> None:
     ref = next((p for p in base.parameters() if p.is_floating_point()), None)
     if ref is None:
         return
-    # Adapters of a half-precision base stay float32 (their forward casts), as PEFT does by default.
-    dtype = torch.float32 if ref.dtype in (torch.float16, torch.bfloat16) else ref.dtype
-    delta.to(device=ref.device, dtype=dtype)
+    # Adapters of a half-precision base stay float32 (their forward casts), as PEFT does by default;
+    # the same rule applies when the base is cast later (core/follow.py).
+    delta.to(device=ref.device, dtype=adapter_dtype(ref.dtype))
+
+
+#: Argument names that carry a call's batch (its first dimension), most specific first.
+_MAIN_INPUTS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features", "inputs")
+
+
+def _batch_size(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[int, str, tuple] | None:
+    """(rows, argument, shape) of a call's main input: the model's ``main_input_name``, input_ids,
+    inputs_embeds, pixel_values, ..., else the first tensor argument; None if the call has none."""
+    main = getattr(model, "main_input_name", None)
+    for key in ((main,) if isinstance(main, str) else ()) + _MAIN_INPUTS:
+        t = kwargs.get(key)
+        if isinstance(t, torch.Tensor) and t.dim() > 0:
+            return t.shape[0], key, tuple(t.shape)
+    for i, t in enumerate(args):
+        if isinstance(t, torch.Tensor) and t.dim() > 0:
+            return t.shape[0], f"positional argument {i}", tuple(t.shape)
+    for key, t in kwargs.items():
+        if isinstance(t, torch.Tensor) and t.dim() > 0:
+            return t.shape[0], key, tuple(t.shape)
+    return None
 
 
 def _module_key(module_name: str, part: int, taken: Iterable[str]) -> str:
@@ -225,14 +247,49 @@ class PeftModel(nn.Module):
             self._state.touch()
 
     # -- calling --------------------------------------------------------------------------------
+    def _follow_base(self, everywhere: bool = False) -> None:
+        """Adapters follow the base model when the user moved or cast it (``core/follow.py``): the
+        model-level deltas here, once per change of the model's reference tensor (every hooked
+        module does the same for its own deltas at its next call); ``everywhere``: every
+        dispatcher now too, whether or not its deltas are in use (before merging or unmerging)."""
+        ref = self.__dict__.get("_model_base")
+        if ref is None:
+            ref = self.__dict__["_model_base"] = BaseRef(self.model)
+        if ref.changed():
+            st = self._state
+            used = [] if st.disabled else st.routing.names if st.routing is not None else st.active
+            used_deltas = [d for n in used if n in self.placements for _, _, d in self.placements[n]]
+            now = ref.current()
+            if now is not None and now[0].type == "meta":
+                refuse_meta(used_deltas, "the model")  # before any layer runs
+            deltas = [d for pl in self.placements.values() for _, _, d in pl if d.site == "model"]
+            follow(deltas, ref, "the model", everywhere or any(d.site == "model" for d in used_deltas))
+        if everywhere:
+            for disp in self._dispatchers.values():
+                disp.follow_base(in_use=True)
+
     @contextlib.contextmanager
-    def _call_context(self, adapter_names: Sequence[str | None] | None) -> Iterator[None]:
+    def _call_context(
+        self, adapter_names: Sequence[str | None] | None, args: tuple = (), kwargs: dict[str, Any] | None = None
+    ) -> Iterator[None]:
+        """Set up one call: the per-row routing of ``adapter_names`` (its length checked against the
+        batch size of the call's main input in ``args`` / ``kwargs`` before any layer runs), after
+        the model-level deltas have followed the base (``_follow_base``)."""
         st = self._state
         if adapter_names is None:
             st.routing = None
         else:
             if st.merged:
                 raise RuntimeError("per-row adapter_names cannot be used while adapters are merged; unmerge() first")
+            if isinstance(adapter_names, str):
+                raise TypeError(f"adapter_names must be a list with one adapter name per row, not the string "
+                                f"{adapter_names!r} (to use one adapter for every row: pm.set_adapter({adapter_names!r}))")
+            adapter_names = list(adapter_names)
+            found = _batch_size(self.model, args, kwargs or {})
+            if found is not None and found[0] != len(adapter_names):
+                raise ValueError(
+                    f"adapter_names has {len(adapter_names)} entries but the batch has {found[0]} rows "
+                    f"({found[1]} has shape {found[2]}): give one adapter name (or None) per row")
             names = [n for n in dict.fromkeys(adapter_names) if n is not None and n != "__base__"]
             self._require(names)
             ref = next(iter(self.model.parameters()))
@@ -246,6 +303,11 @@ class PeftModel(nn.Module):
                 routing = Routing(names, slot)
                 self._routings.put(key, routing)
             st.routing = routing
+        try:
+            self._follow_base()
+        except BaseException:
+            st.routing = None
+            raise
         try:
             yield
         finally:
@@ -309,14 +371,14 @@ class PeftModel(nn.Module):
     def forward(self, *args: Any, adapter_names: Sequence[str | None] | None = None, **kwargs: Any) -> Any:
         """Call the base model with the active adapters, or with one adapter per row
         (``adapter_names[i]`` for row i; ``None`` or ``"__base__"`` for the base model)."""
-        with self._call_context(adapter_names):
+        with self._call_context(adapter_names, args, kwargs):
             args, kwargs = self._name_positional(self.model.forward, args, kwargs)
             kwargs = self._prepare_model_call(kwargs, generating=False)
             return self.model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: Sequence[str | None] | None = None, **kwargs: Any) -> Any:
         """``model.generate`` with the active adapters (or one per row)."""
-        with self._call_context(adapter_names):
+        with self._call_context(adapter_names, args, kwargs):
             args, kwargs = self._name_positional(self.model.generate, args, kwargs)
             kwargs = self._prepare_model_call(kwargs, generating=True)
             return self.model.generate(*args, **kwargs)
@@ -337,6 +399,7 @@ class PeftModel(nn.Module):
         Merged adapters are skipped by the hooks, so outputs are unchanged (up to rounding)."""
         names = list(adapter_names) if adapter_names is not None else list(self._state.active)
         self._require(names)
+        self._follow_base(everywhere=True)  # the deltas where the base is, if the model was moved or cast
         for name in names:
             if name in self._state.merged:
                 continue
@@ -352,7 +415,8 @@ class PeftModel(nn.Module):
                     base = self.model.get_submodule(module_name)
                     dparams = delta.delta_params(base)
                     for pname, dp in dparams.items():
-                        base.get_parameter(pname).add_(dp.to(base.get_parameter(pname).dtype))
+                        target = base.get_parameter(pname)
+                        target.add_(dp.to(device=target.device, dtype=target.dtype))
                     log.append((base, delta, dparams if delta.merge_uses_base else None))
             self._merge_log[name] = log
             self._state.merged.append(name)
@@ -360,12 +424,15 @@ class PeftModel(nn.Module):
 
     def unmerge(self) -> None:
         """Undo ``merge``: W <- W - ΔW, newest adapter first (base restored up to float rounding)."""
+        if self._state.merged:
+            self._follow_base(everywhere=True)
         with torch.no_grad():
             for name in reversed(self._state.merged):
                 for base, delta, kept in reversed(self._merge_log.pop(name)):
                     dparams = kept if kept is not None else delta.delta_params(base)
                     for pname, dp in dparams.items():
-                        base.get_parameter(pname).sub_(dp.to(base.get_parameter(pname).dtype))
+                        target = base.get_parameter(pname)
+                        target.sub_(dp.to(device=target.device, dtype=target.dtype))
         self._state.merged = []
         self._state.touch()
 
