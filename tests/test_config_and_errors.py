@@ -181,7 +181,7 @@ def test_load_into_existing_peft_model_keeps_it_intact_on_error(tmp_path, tiny):
 
 def test_save_is_atomic_and_overwrites(tmp_path, tiny):
     path = _saved(tmp_path, tiny)
-    assert sorted(p.name for p in path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "peftlab_config.json"]
 
 
 def test_list_methods_and_api_names():
@@ -210,3 +210,68 @@ def test_second_container_on_an_adapted_model_is_refused(tiny, tmp_path):
     plain = first.unload()
     second = peftlab.apply(plain, "ia3")
     assert second.adapters == ["default"]
+
+
+# -- issue 8, item 8: small error messages, adapter_names length, py.typed ----------------------------
+
+def _nearest_names(message: str) -> list[str]:
+    return [n.strip() for n in message.split("Nearest module names:")[1].split(",")]
+
+
+@pytest.mark.parametrize("field", ["targets", "modules_to_save"])
+def test_nearest_module_hint_lists_each_name_once(tiny, field):
+    model, _ = tiny("bert", task="classification")
+    spec = "lora[targets=clasifier]" if field == "targets" else "lora[targets=query,modules_to_save=clasifier]"
+    with pytest.raises(peftlab.TargetError) as e:
+        peftlab.apply(model, spec)
+    names = _nearest_names(str(e.value))
+    assert names[0] == "classifier" and len(names) == len(set(names)), names
+
+
+@pytest.mark.parametrize("spec", ["LoRA[r=8]", "Lora[r=8]", "LORA"])
+def test_method_name_in_the_wrong_case_suggests_the_registered_one(spec):
+    with pytest.raises(peftlab.ConfigError, match=r"Did you mean lora\b"):
+        parse_method_string(spec)
+    with pytest.raises(peftlab.ConfigError, match=r"Did you mean ia3\b"):
+        peftlab.get_method("IA3")
+
+
+def test_adapter_names_of_the_wrong_length_refused_before_any_layer_runs(tiny):
+    model, batch = tiny("llama")  # batch of 3 rows
+    pm = peftlab.apply(model, "lora[r=4,targets=q_proj]")
+    calls = []
+    model.get_submodule("model.embed_tokens").register_forward_pre_hook(lambda *a: calls.append(1))
+    ids = batch["input_ids"]
+    with pytest.raises(ValueError, match=r"adapter_names has 2 entries but the batch has 3 rows \(input_ids has shape \(3, 8\)\)"):
+        pm(**batch, adapter_names=["default", None])
+    with pytest.raises(ValueError, match=r"4 entries but the batch has 3 rows \(positional argument 0"):
+        pm(ids, adapter_names=["default"] * 4)
+    embeds = model.get_input_embeddings()(ids).detach()
+    calls.clear()
+    with pytest.raises(ValueError, match=r"1 entries but the batch has 3 rows \(inputs_embeds"):
+        pm(inputs_embeds=embeds, adapter_names=["default"])
+    with pytest.raises(ValueError, match="2 entries but the batch has 3 rows"):
+        pm.generate(ids, max_new_tokens=1, adapter_names=["default", None])
+    with pytest.raises(TypeError, match="one adapter name per row"):
+        pm(**batch, adapter_names="default")
+    assert calls == []  # refused at the container: no layer ran
+    with torch.no_grad():
+        out = first_output(pm(**batch, adapter_names=["default", None, "default"]))
+    assert out.shape[0] == 3
+
+
+def test_adapter_names_length_read_from_pixel_values(tiny):
+    model, batch = tiny("vit")
+    pm = peftlab.apply(model, "lora[r=4,targets=q_proj]")
+    with pytest.raises(ValueError, match=r"the batch has 3 rows \(pixel_values has shape \(3, "):
+        pm(**batch, adapter_names=["default"])
+
+
+def test_package_ships_py_typed():
+    import tomllib
+    from pathlib import Path
+
+    root = Path(peftlab.__file__).resolve().parent
+    assert (root / "py.typed").is_file()
+    pyproject = tomllib.loads((root.parent / "pyproject.toml").read_text())
+    assert "py.typed" in pyproject["tool"]["setuptools"]["package-data"]["peftlab"]

@@ -153,7 +153,9 @@ def register_method(
 def get_method(name: str) -> MethodSpec:
     """The registered method called ``name``; an unknown name lists the closest registered ones."""
     if name not in _METHODS:
-        close = difflib.get_close_matches(name, list(_METHODS), n=3)
+        # Names are lower case: a case-insensitive match (LoRA -> lora) comes first.
+        same = [m for m in _METHODS if m.lower() == str(name).lower()]
+        close = same + [m for m in difflib.get_close_matches(str(name).lower(), list(_METHODS), n=3) if m not in same]
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise ConfigError(f"unknown method {name!r}.{hint} Registered: {', '.join(sorted(_METHODS))}")
     return _METHODS[name]

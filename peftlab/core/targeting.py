@@ -49,10 +49,14 @@ def layer_index(name: str) -> int | None:
 
 
 def _nearest(wanted: str, names: Iterable[str]) -> list[str]:
+    """Up to five existing names (leaf names such as ``q_proj`` and full names) closest to
+    ``wanted``, each listed once; the first leaf names when none is close."""
     names = list(names)
     leaves = sorted({n.split(".")[-1] for n in names if n})
     key = wanted[3:] if wanted.startswith("re:") else wanted
-    close = difflib.get_close_matches(key, leaves + names, n=5, cutoff=0.3)
+    # A top-level module is both a leaf and a full name: offer it once.
+    candidates = list(dict.fromkeys(leaves + [n for n in names if n]))
+    close = difflib.get_close_matches(key, candidates, n=5, cutoff=0.3)
     return close or leaves[:8]
 
 
