@@ -16,7 +16,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from peftlab.core import io
+from peftlab.core import io, signatures
 from peftlab.core.model_calls import checkpointing_enabled, enable_checkpointing
 from peftlab.core.accounting import adapter_report
 from peftlab.core.config import AdapterConfig, UnionConfig, as_config, config_parts
@@ -105,6 +105,21 @@ def adapters_attached_to(model: nn.Module) -> list[str]:
 
 class PeftModel(nn.Module):
     """A base model with named adapters. Call it exactly like the base model."""
+
+    def __new__(cls, model: nn.Module | None = None, *args: Any, **kwargs: Any) -> "PeftModel":
+        # An instance of PeftModel[<base class>]: forward / generate signed with the base's own
+        # parameters plus adapter_names, for code that reads signatures (transformers.Trainer).
+        if cls is PeftModel and isinstance(model, nn.Module) and not isinstance(model, PeftModel):
+            cls = signatures.signed_subclass(PeftModel, type(model))
+        return super().__new__(cls)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # pickle / copy: recreate PeftModel[<base class>] from the base class (core/signatures.py).
+        reduced = super().__reduce_ex__(protocol)
+        base_cls = type(self).__dict__.get("_signed_for")
+        if base_cls is None or not isinstance(reduced, tuple) or reduced[1][:1] != (type(self),):
+            return reduced
+        return (signatures.rebuild, (PeftModel, base_cls), *reduced[2:])
 
     def __init__(self, model: nn.Module):
         super().__init__()
