@@ -8,7 +8,7 @@
 from peftlab import zoo
 from peftlab.core.config import AdapterConfig, ConfigError, UnionConfig, parse_method_string
 from peftlab.core.io import AdapterFileError
-from peftlab.core.model import PeftModel, apply, load
+from peftlab.core.model import NotForwardedError, PeftModel, apply, load
 from peftlab.core.optim import param_groups
 from peftlab.core.registry import NotApplicableError, get_method, list_methods, register_method
 from peftlab.core.targeting import TargetError
@@ -27,6 +27,7 @@ __all__ = [
     "LoraConfig",
     "LoraFaConfig",
     "NotApplicableError",
+    "NotForwardedError",
     "PeftModel",
     "TargetError",
     "UnionConfig",

@@ -181,7 +181,7 @@ def test_load_into_existing_peft_model_keeps_it_intact_on_error(tmp_path, tiny):
 
 def test_save_is_atomic_and_overwrites(tmp_path, tiny):
     path = _saved(tmp_path, tiny)
-    assert sorted(p.name for p in path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "peftlab_config.json"]
 
 
 def test_list_methods_and_api_names():

@@ -20,8 +20,8 @@ PEFT behaviours these tests rely on or document:
 - PEFT's OLoRA init ignores ``fan_in_fan_out``: on GPT-2's ``Conv1D`` it factors the stored
   (in, out) weight, so lora_A/lora_B get transposed shapes (c_attn: load fails) or the residual is
   wrong (square c_proj). That case is marked xfail below.
-- PEFT accepts unknown config keys with a warning ("Unexpected keyword arguments ['peftlab'] ...
-  ignored"), so our extra ``"peftlab"`` key is tolerated.
+- PEFT warns about any config key its class lacks ("Unexpected keyword arguments [...] ... upgrade
+  PEFT"), so our own config lives in ``peftlab_config.json`` beside ``adapter_config.json``.
 - ``task_type="SEQ_CLS"`` makes PEFT write ``modules_to_save=["classifier", "score"]`` whichever of
   the two the model has.
 - When ``embed_tokens`` (or ``lm_head``) is targeted, PEFT's ``save_pretrained`` also saves the full
@@ -307,7 +307,7 @@ def test_file_format_equals_peft(kind, variant, tmp_path):
 
     ours_c = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     theirs_c = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
-    assert "peftlab" in ours_c
+    assert "peftlab" not in ours_c  # our own config is in peftlab_config.json
     fields = list(_KEY_FIELDS)
     if variant in ("regex_layers", "regex_exclude"):
         # Spelled differently, same modules (checked by the tensor keys above): PEFT cannot take
@@ -318,17 +318,18 @@ def test_file_format_equals_peft(kind, variant, tmp_path):
 
 
 # -- config details ---------------------------------------------------------------------------------
-def test_peft_tolerates_our_extra_config_key(tmp_path):
+def test_peft_reads_our_config_without_warning(tmp_path):
     pm = peftlab.apply(fresh("llama"), LoraConfig(r=4, alpha=8, targets=["q_proj"]))
     pm.save(tmp_path)
     raw = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert raw["peftlab"]["method"] == "lora"
+    assert "peftlab" not in raw
+    assert json.loads((tmp_path / "peftlab_config.json").read_text())["peftlab"]["method"] == "lora"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         loaded = peft.PeftConfig.from_pretrained(str(tmp_path))
     assert isinstance(loaded, peft.LoraConfig) and loaded.r == 4
-    # PEFT drops the unknown key with a warning (it reads it as a field of a newer PEFT version).
-    assert any("peftlab" in str(w.message) for w in caught)
+    # PEFT warns about keys its config class lacks; we write none.
+    assert not [w for w in caught if "Unexpected keyword" in str(w.message)]
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ changed_params    entries of the base model that differ after merging (for a del
                   merged: the parameters it adds to the computation)
 total_params      base parameters + every adapter parameter
 ranks             {module: rank of ΔW} where a weight delta exists
-bytes_on_disk     exact size of the saved adapter (config + safetensors)
+bytes_on_disk     exact size of the saved adapter (its files: ``io.ADAPTER_FILES``)
 
 It works on plain data (the base model, the config and the placement), so it depends on neither the
 container nor the methods.
@@ -57,6 +57,6 @@ def adapter_report(
         "total_params": base_params + n_adapter,
         "trainable_percent": 100.0 * n_trainable / max(1, base_params + n_adapter),
         "ranks": ranks,
-        "bytes_on_disk": io.serialized_size(cfg, tensors, placed),
+        "bytes_on_disk": io.serialized_size(cfg, tensors, placed, base=model),
         "modules": len({m for _, m, _ in placement}),
     }

@@ -117,7 +117,8 @@ class AdapterConfig:
             if value == default:
                 continue
             parts.append(f"{f.name}={_format_value(value)}")
-        return f"{self.method}[{','.join(parts)}]"
+        # A config with every field at its default is the bare name (``lora``), which parses back.
+        return f"{self.method}[{','.join(parts)}]" if parts else self.method
 
     def replace(self, **changes: Any) -> "AdapterConfig":
         """A copy with some fields changed (validated again)."""
@@ -175,12 +176,20 @@ def _parse_scalar(text: str) -> Any:
 
 
 def _split_top(text: str, sep: str) -> list[str]:
-    """Split on ``sep`` outside brackets."""
+    """Split on ``sep`` outside brackets, parentheses and braces (so a ``re:`` value such as
+    ``re:.*\\.(q|k)_proj`` or ``re:.{1,3}`` stays whole); a backslash-escaped character never counts."""
     out, depth, cur = [], 0, []
+    escaped = False
     for ch in text:
-        if ch == "[":
+        if escaped:  # the character after a backslash is literal
+            escaped = False
+            cur.append(ch)
+            continue
+        if ch == "\\":
+            escaped = True
+        elif ch in "[({":
             depth += 1
-        elif ch == "]":
+        elif ch in "])}":
             depth -= 1
         if ch == sep and depth == 0:
             out.append("".join(cur))
@@ -198,6 +207,8 @@ def _is_list_field(cls: type, name: str) -> bool:
 
 def _coerce(cls: type, name: str, raw: str) -> Any:
     raw = raw.strip()
+    if raw == "" and _is_list_field(cls, name):
+        return []  # ``exclude=`` is the empty list (what ``to_string`` writes for [])
     if raw.startswith("re:"):
         value: Any = raw
     elif "|" in raw:
@@ -252,15 +263,73 @@ def config_from_dict(d: dict[str, Any]) -> AdapterConfig | UnionConfig:
     return get_method(d["method"]).config_cls.from_dict(d)
 
 
-def as_config(spec: "str | AdapterConfig | UnionConfig | dict") -> AdapterConfig | UnionConfig:
-    """Accept a config object, a dict or a method string."""
+def is_peft_config(obj: Any) -> bool:
+    """Whether ``obj`` looks like a Hugging Face PEFT config object (``peft.LoraConfig(...)``...):
+    recognised by its ``peft_type`` and ``to_dict()``, so ``peft`` is never imported here."""
+    return (
+        not isinstance(obj, (AdapterConfig, UnionConfig, dict, str, type))
+        and hasattr(obj, "peft_type")
+        and callable(getattr(obj, "to_dict", None))
+    )
+
+
+def _plain(value: Any) -> Any:
+    """PEFT's ``to_dict()`` values as JSON would give them: enums as their values, sets and tuples
+    as (sorted) lists, so a registered reader sees what it sees in an ``adapter_config.json``."""
+    if isinstance(value, dict):
+        return {str(_plain(k)): _plain(v) for k, v in value.items()}
+    if isinstance(value, (set, frozenset)):
+        return sorted(_plain(v) for v in value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    enum_value = getattr(value, "value", None)
+    if isinstance(value, str) and isinstance(enum_value, str):  # PeftType / TaskType (str enums)
+        return enum_value
+    return value
+
+
+#: The heads PEFT gives a trainable copy when it wraps a model for SEQ_CLS / TOKEN_CLS.
+_PEFT_TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score")}
+
+
+def from_peft_config(obj: Any) -> AdapterConfig:
+    """Our config for a Hugging Face PEFT config object, through the reader its ``peft_type`` is
+    registered with (``peft.LoraConfig(use_dora=True)`` gives a DoRA config). As PEFT does when it
+    wraps a model, ``task_type`` SEQ_CLS / TOKEN_CLS adds the ``classifier`` / ``score`` heads to
+    ``modules_to_save``. A PEFT type no registered method reads raises :class:`ConfigError`."""
+    from peftlab.core.registry import method_for_peft_type, peft_types
+
+    fields = _plain(obj.to_dict())
+    if not isinstance(fields, dict):
+        raise ConfigError(f"{type(obj).__name__}.to_dict() did not return a dict")
+    peft_type = _plain(fields.get("peft_type", getattr(obj, "peft_type", None)))
+    fields["peft_type"] = peft_type
+    spec = method_for_peft_type(str(peft_type))
+    if spec is None or spec.peft is None or spec.peft.read is None:
+        raise ConfigError(
+            f"{type(obj).__name__} (PEFT type {peft_type!r}) is not supported: peftlab reads PEFT's "
+            f"{', '.join(peft_types())}. Use one of those, or a peftlab config (peftlab.list_methods())"
+        )
+    heads = _PEFT_TASK_HEADS.get(str(fields.get("task_type")))
+    if heads:
+        fields["modules_to_save"] = list(dict.fromkeys([*(fields.get("modules_to_save") or []), *heads]))
+    return spec.peft.read(fields)
+
+
+def as_config(spec: "str | AdapterConfig | UnionConfig | dict | Any") -> AdapterConfig | UnionConfig:
+    """Accept a config object, a dict, a method string, or a Hugging Face PEFT config object
+    (converted by :func:`from_peft_config`)."""
     if isinstance(spec, (AdapterConfig, UnionConfig)):
         return spec
     if isinstance(spec, str):
         return parse_method_string(spec)
     if isinstance(spec, dict):
         return config_from_dict(spec)
-    raise ConfigError(f"expected a config, a dict or a method string, got {type(spec).__name__}")
+    if is_peft_config(spec):
+        return from_peft_config(spec)
+    raise ConfigError(
+        f"expected a config, a dict, a method string or a PEFT config object, got {type(spec).__name__}"
+    )
 
 
 def config_parts(cfg: AdapterConfig | UnionConfig) -> list[AdapterConfig]:

@@ -32,6 +32,71 @@ Placement = list[tuple[int, str, nn.Module]]
 _SITE_ORDER = {"parallel": 0, "input": 1, "output": 2, "model": 3}
 
 
+class NotForwardedError(AttributeError, NotImplementedError):
+    """A name that ``PeftModel`` refuses to pass on to the base model, because there it would save,
+    load or upload the base instead of the adapter. The message says what to call instead. (An
+    ``AttributeError``, so ``hasattr`` stays False, and a ``NotImplementedError``.)"""
+
+
+#: Names that ``PeftModel.__getattr__`` does not forward to the base model (the deny-list), with
+#: what to call instead. Every other name the container lacks is the base model's (``pm.config``,
+#: ``pm.device``, ``pm.get_input_embeddings()``...). ``save_pretrained``, ``from_pretrained``,
+#: ``load_adapter``, ``add_adapter``, ``set_adapter``, ``delete_adapter``, ``active_adapter(s)``
+#: and ``disable_adapter(s)`` are the container's own, with PEFT's meaning.
+NOT_FORWARDED: dict[str, str] = {
+    "push_to_hub": (
+        "peftlab does not upload (the base model's push_to_hub would upload the base weights, not the "
+        "adapter). Write the adapter files with pm.save_pretrained(directory) and upload that directory, "
+        "e.g. huggingface_hub.upload_folder(repo_id=..., folder_path=directory)"
+    ),
+    "save_model": (
+        "PeftModel has no save_model (that is a Trainer method); write the adapter files with "
+        "pm.save_pretrained(directory), or one adapter with pm.save(directory, adapter_name=...)"
+    ),
+    "enable_adapters": (
+        "transformers' enable_adapters acts on its own PEFT integration, not on peftlab's adapters; "
+        "use pm.enable_adapter_layers()"
+    ),
+    "get_adapter_state_dict": (
+        "transformers' get_adapter_state_dict reads its own PEFT integration, not peftlab's adapters; "
+        "use pm.adapter_tensors(adapter_name) (the tensors under their file keys)"
+    ),
+}
+
+#: Keyword arguments of PEFT's / transformers' ``save_pretrained`` that ``PeftModel.save_pretrained``
+#: accepts and ignores: files are always safetensors, ``state_dict`` is not read (the adapters' own
+#: tensors are written), sharding, variants and hub tokens do not apply to adapter files.
+_IGNORED_SAVE_KWARGS = frozenset({
+    "state_dict", "save_embedding_layers", "max_shard_size", "variant", "token", "use_auth_token",
+    "save_function", "save_peft_format", "safe_serialization", "convert_pissa_to_lora", "commit_message",
+})
+#: Keyword arguments of PEFT's ``from_pretrained`` / ``load_adapter`` accepted and ignored (hub
+#: download options: peftlab reads local directories; dtype and memory options of PEFT's loader).
+_IGNORED_LOAD_KWARGS = frozenset({
+    "revision", "token", "use_auth_token", "cache_dir", "local_files_only", "force_download", "proxies",
+    "autocast_adapter_dtype", "ephemeral_gpu_offload", "low_cpu_mem_usage", "torch_device",
+    "ignore_mismatched_sizes",
+})
+
+
+def _check_kwargs(call: str, kwargs: dict[str, Any], accepted: frozenset[str]) -> None:
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise TypeError(f"{call}() got unexpected keyword arguments {unknown}; it accepts and ignores {sorted(accepted)}")
+
+
+def _adapter_dir(model_id: str | os.PathLike, subfolder: str | None) -> str:
+    """The local directory of ``model_id`` (joined with ``subfolder``, as PEFT does)."""
+    path = os.path.join(os.fspath(model_id), subfolder) if subfolder else os.fspath(model_id)
+    if not os.path.isdir(path):
+        raise io.AdapterFileError(
+            f"adapter directory {path!r} does not exist. peftlab reads adapter directories on disk and never "
+            "downloads: for a Hub repository, fetch it first (huggingface_hub.snapshot_download(repo_id)) "
+            "and pass the directory it returns"
+        )
+    return path
+
+
 def build_placement(model: nn.Module, cfg: AdapterConfig | UnionConfig) -> Placement:
     """Create (but do not attach) every delta an adapter config asks for. The model is not changed."""
     placement: Placement = []
@@ -148,11 +213,16 @@ class PeftModel(nn.Module):
             p.requires_grad_(False)
 
     def __getattr__(self, name: str) -> Any:
+        """A name the container lacks is the base model's, except the deny-list :data:`NOT_FORWARDED`
+        (names that would save, load or upload the base instead of the adapter), which raises
+        :class:`NotForwardedError` saying what to call."""
         try:
             return super().__getattr__(name)
         except AttributeError:
             if name == "model":
                 raise
+            if name in NOT_FORWARDED:
+                raise NotForwardedError(f"PeftModel.{name}: {NOT_FORWARDED[name]}") from None
             return getattr(self.model, name)
 
     # -- adapters -------------------------------------------------------------------------------
@@ -165,6 +235,16 @@ class PeftModel(nn.Module):
     def active_adapters(self) -> list[str]:
         """The adapters the next call uses, in order."""
         return list(self._state.active)
+
+    @property
+    def active_adapter(self) -> str | None:
+        """The first active adapter (PEFT's name); None when no adapter is active."""
+        return self._state.active[0] if self._state.active else None
+
+    @property
+    def peft_config(self) -> dict[str, AdapterConfig | UnionConfig]:
+        """{adapter name: its config} (PEFT's name; the configs are peftlab's, e.g. ``LoraConfig.r``)."""
+        return dict(self.configs)
 
     def add_adapter(self, adapter_name: str, config: "AdapterConfig | UnionConfig | str | dict") -> "PeftModel":
         """Create and attach a new adapter (inactive until ``set_adapter``)."""
@@ -212,17 +292,19 @@ class PeftModel(nn.Module):
         for n, p in self.adapter_modules[adapter_name].named_parameters():
             yield p, flags.get(n, True)
 
-    def set_adapter(self, adapter_names: str | Sequence[str]) -> None:
+    def set_adapter(self, adapter_names: str | Sequence[str], inference_mode: bool = False) -> None:
         """Activate one adapter, or several (their outputs are summed / applied in order).
 
-        Only the active adapters' parameters are trainable afterwards."""
+        Only the active adapters' parameters are trainable afterwards, as in PEFT (this also makes an
+        adapter loaded with ``is_trainable=False`` trainable); ``inference_mode=True`` (PEFT's
+        argument) leaves every adapter parameter frozen."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         self._require(names)
         if self._state.merged and set(names) != set(self._state.active):
             raise RuntimeError(f"adapters {self._state.merged} are merged; unmerge() before switching adapters")
         for name in self._trainable:
             for p, trainable in self.adapter_parameters(name):
-                p.requires_grad_(trainable and name in names)
+                p.requires_grad_(trainable and name in names and not inference_mode)
         self._state.active = names
         self._state.touch()
 
@@ -246,6 +328,24 @@ class PeftModel(nn.Module):
         for n in names:
             if n not in self.configs:
                 raise KeyError(f"no adapter named {n!r}; adapters: {self.adapters}")
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """PEFT's name for :meth:`disable_adapters`: ``with pm.disable_adapter(): base_out = pm(**batch)``."""
+        with self.disable_adapters():
+            yield
+
+    def disable_adapter_layers(self) -> None:
+        """Turn every adapter off until :meth:`enable_adapter_layers` (PEFT's name); calls run the base alone."""
+        if self._state.merged:
+            raise RuntimeError(f"adapters {self._state.merged} are merged into the weights; unmerge() first")
+        self._state.disabled = True
+        self._state.touch()
+
+    def enable_adapter_layers(self) -> None:
+        """Turn the adapters back on after :meth:`disable_adapter_layers` (PEFT's name)."""
+        self._state.disabled = False
+        self._state.touch()
 
     @contextlib.contextmanager
     def disable_adapters(self) -> Iterator[None]:
@@ -478,15 +578,163 @@ class PeftModel(nn.Module):
         return self.unload()
 
     # -- files and accounting ---------------------------------------------------------------------
-    def adapter_tensors(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-        """An adapter's tensors under their file keys (what ``save`` writes)."""
-        self._require([adapter_name])
+    def adapter_tensors(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """An adapter's tensors under their file keys (what ``save`` writes); by default the active
+        adapter, or the only one."""
+        adapter_name = self._one_adapter(adapter_name, "adapter_tensors")
         return io.placement_tensors(self.placements[adapter_name], self.configs[adapter_name])
 
-    def save(self, path: str | os.PathLike, adapter_name: str = "default") -> None:
-        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT's format where PEFT has the method)."""
-        self._require([adapter_name])
-        io.save_adapter(path, self.configs[adapter_name], self.adapter_tensors(adapter_name), self.placed(adapter_name))
+    def save(self, path: str | os.PathLike, adapter_name: str | None = None) -> None:
+        """Write one adapter's files (``adapter_config.json``, ``peftlab_config.json``,
+        ``adapter_model.safetensors``; PEFT's format where PEFT has the method, see ``core/io.py``).
+
+        Without ``adapter_name``: the active adapter, or the only one (else a ``ValueError`` naming
+        them; :meth:`save_pretrained` writes every adapter)."""
+        name = self._one_adapter(adapter_name, "save")
+        io.save_adapter(path, self.configs[name], self.adapter_tensors(name), self.placed(name), base=self.model)
+
+    def _one_adapter(self, adapter_name: str | None, call: str) -> str:
+        """``adapter_name``, else the one active adapter, else the only adapter."""
+        if adapter_name is not None:
+            self._require([adapter_name])
+            return adapter_name
+        if len(self._state.active) == 1:
+            return self._state.active[0]
+        if not self._state.active and len(self.configs) == 1:
+            return self.adapters[0]
+        if not self.configs:
+            raise ValueError(f"{call}: the model has no adapter")
+        which = f"adapters {self._state.active} are active" if self._state.active else f"no adapter of {self.adapters} is active"
+        raise ValueError(
+            f"{call}: which adapter? {which}; name one (adapter_name=...)"
+            + (", or write every adapter with pm.save_pretrained(directory)" if call == "save" else "")
+        )
+
+    # -- Hugging Face PEFT's calls, with PEFT's meaning -------------------------------------------
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        selected_adapters: Sequence[str] | None = None,
+        safe_serialization: bool = True,
+        is_main_process: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        """Write the adapter files only (never the base weights), laid out as PEFT does: every
+        adapter (or ``selected_adapters``); ``"default"`` if it is among them, else the first, at the
+        root of ``save_directory``, every other one in a sub-directory named after it. (PEFT puts an
+        adapter not called ``"default"`` in a sub-directory even when it is the only one; here the
+        root always holds one, so ``PeftModel.from_pretrained(model, save_directory)`` reads it.)
+
+        Read it back with ``PeftModel.from_pretrained(model, save_directory)`` and
+        ``pm.load_adapter(save_directory, name, subfolder=name)`` (or the sub-directory's path),
+        here or in PEFT. ``is_main_process=False`` writes nothing (PEFT's rule for multi-process
+        runs). Files are always safetensors; PEFT's and transformers' other keyword arguments
+        (``safe_serialization``, ``state_dict``, ``max_shard_size``...) are accepted and ignored;
+        ``push_to_hub=True`` raises (peftlab does not upload)."""
+        if isinstance(selected_adapters, bool):  # PEFT's second positional argument is safe_serialization
+            selected_adapters = None
+        if kwargs.pop("push_to_hub", False):
+            raise NotForwardedError(f"save_pretrained(push_to_hub=True): {NOT_FORWARDED['push_to_hub']}")
+        if kwargs.get("path_initial_model_for_weight_conversion") is not None:
+            raise NotImplementedError(
+                "save_pretrained(path_initial_model_for_weight_conversion=...): converting a PiSSA / OLoRA adapter "
+                "to plain LoRA is not implemented; peftlab's files keep the base weights unchanged, so they need no conversion"
+            )
+        kwargs.pop("path_initial_model_for_weight_conversion", None)
+        _check_kwargs("save_pretrained", kwargs, _IGNORED_SAVE_KWARGS)
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_pretrained: {os.fspath(save_directory)!r} is a file, not a directory")
+        names = self.adapters if selected_adapters is None else (
+            [selected_adapters] if isinstance(selected_adapters, str) else list(selected_adapters))
+        self._require(names)
+        if not names:
+            raise ValueError("save_pretrained: there is no adapter to save")
+        if not is_main_process:
+            return
+        root = "default" if "default" in names else names[0]
+        for name in names:
+            self.save(save_directory if name == root else os.path.join(save_directory, name), name)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: Any = None,
+        **kwargs: Any,
+    ) -> "PeftModel":
+        """PEFT's ``PeftModel.from_pretrained``: load the adapter directory ``model_id`` (ours or PEFT's;
+        ``subfolder=`` joins a sub-directory, as in PEFT) onto ``model`` under ``adapter_name``.
+
+        As in PEFT, the default ``is_trainable=False`` loads for inference: the adapter's parameters
+        are frozen and the model is put in eval mode. Pass ``is_trainable=True`` to train on, or
+        call ``pm.set_adapter(name)`` and ``pm.train()`` later. ``config`` (a peftlab config or a PEFT
+        config object) replaces the file's config. (``peftlab.load`` is peftlab's own call: it leaves
+        the adapter trainable.) Only local directories are read: nothing is downloaded."""
+        path = _adapter_dir(model_id, kwargs.pop("subfolder", None))
+        _check_kwargs("from_pretrained", kwargs, _IGNORED_LOAD_KWARGS)
+        pm = load(model, path, adapter_name, config=config)
+        pm._loaded_for(adapter_name, is_trainable)
+        return pm
+
+    def load_adapter(
+        self,
+        model_id: str | os.PathLike,
+        adapter_name: str,
+        is_trainable: bool = False,
+        config: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        """PEFT's ``load_adapter``: add the adapter directory ``model_id`` (``subfolder=`` joins a
+        sub-directory) as ``adapter_name``. It is not activated (``set_adapter`` does that) unless no
+        adapter is active; with the default ``is_trainable=False`` its parameters are frozen and the
+        model is put in eval mode, as in PEFT."""
+        path = _adapter_dir(model_id, kwargs.pop("subfolder", None))
+        _check_kwargs("load_adapter", kwargs, _IGNORED_LOAD_KWARGS)
+        load(self, path, adapter_name, config=config)
+        self._loaded_for(adapter_name, is_trainable)
+
+    def _loaded_for(self, adapter_name: str, is_trainable: bool) -> None:
+        """PEFT's ``is_trainable``: True makes the adapter's trainable parameters require grad (even
+        if it is not active); False freezes them and puts the whole model in eval mode."""
+        for p, trainable in self.adapter_parameters(adapter_name):
+            p.requires_grad_(trainable and is_trainable)
+        if not is_trainable:
+            self.eval()
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, all)`` parameter entries of the container, as PEFT counts them: every
+        parameter of the base and of every adapter (a ``modules_to_save`` copy too), trainable when
+        it requires grad now. (``report()`` is the accounting of one adapter.)"""
+        trainable = total = 0
+        for _, p in self.named_parameters():
+            n = p.numel()
+            if type(p).__name__ == "Params4bit":  # two 4-bit values per stored byte, as PEFT counts them
+                n *= 2 * getattr(getattr(p, "quant_storage", None), "itemsize", 1)
+            total += n
+            if p.requires_grad:
+                trainable += n
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        """Print PEFT's line: ``trainable params: X || all params: Y || trainable%: Z``."""
+        trainable, total = self.get_nb_trainable_parameters()
+        percent = 100 * trainable / total if total else 0.0
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {percent:.4f}")
+
+    def get_base_model(self) -> nn.Module:
+        """The user's own model object (``pm.model``), with the adapters' hooks still in place."""
+        return self.model
+
+    def merge_adapter(self, adapter_names: Sequence[str] | None = None) -> None:
+        """PEFT's name for :meth:`merge`."""
+        self.merge(adapter_names)
+
+    def unmerge_adapter(self) -> None:
+        """PEFT's name for :meth:`unmerge`."""
+        self.unmerge()
 
     def placed(self, adapter_name: str) -> dict[str, nn.Module] | None:
         """{module name: delta} of a single-config adapter (None for a union)."""
@@ -539,18 +787,24 @@ def apply(
     return pm
 
 
-def load(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> PeftModel:
+def load(
+    model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", *, config: Any = None
+) -> PeftModel:
     """Load an adapter directory (written by peftlab or by Hugging Face PEFT) onto ``model``.
 
     Everything is validated before the model is touched: a missing directory, a corrupt file or an
     adapter made for another base raises :class:`~peftlab.core.io.AdapterFileError`. On a plain
     model the adapter becomes active; on a ``PeftModel`` it is added (and activated if none is).
+    The adapter is trainable (``PeftModel.from_pretrained`` has PEFT's default: frozen).
+    ``config`` (a peftlab config, a method string or a PEFT config object) replaces the file's.
     """
     existing = model if isinstance(model, PeftModel) else None
     base = existing.model if existing is not None else model
     if existing is not None:
         existing._check_new_name(adapter_name)
     cfg, tensors = io.read_adapter(path)
+    if config is not None:
+        cfg = as_config(config)
     placement = build_placement(base, cfg)
     io.load_into_placement(placement, tensors, cfg, where=str(path))
     pm = existing if existing is not None else PeftModel(base)

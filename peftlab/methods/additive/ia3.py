@@ -95,12 +95,13 @@ class IA3Config(AdapterConfig):
 
 
 def _config_from_peft(d: dict[str, Any]) -> IA3Config:
-    """Our config from PEFT's IA3 fields (no ``feedforward_modules``: no feed-forward module)."""
-    ff = d.get("feedforward_modules")
+    """Our config from PEFT's IA3 fields (no ``feedforward_modules``: no feed-forward module; neither
+    ``target_modules`` nor ``feedforward_modules``, as in a fresh ``peft.IA3Config()``: both defaults)."""
+    ff, targets = d.get("feedforward_modules"), d.get("target_modules")
     return IA3Config(
-        targets=targets_from_peft(d.get("target_modules")),
+        targets=targets_from_peft(targets),
         exclude=targets_from_peft(d.get("exclude_modules")),
-        feedforward=targets_from_peft(ff, bare_suffix=True) if ff is not None else [],
+        feedforward=targets_from_peft(ff, bare_suffix=True) if ff is not None else ([] if targets is not None else None),
         modules_to_save=modules_to_save_from_peft(d),
     )
 
