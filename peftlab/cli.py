@@ -5,8 +5,10 @@ This module only dispatches: each subcommand's arguments and implementation live
 (``train`` and ``info`` in :mod:`peftlab.train.cli`, ``bench`` in :mod:`peftlab.bench.cli`), and
 those layers never import this one. Only ``methods``, which reads the registry, is implemented here.
 
-Bad input (unknown task, missing file, unknown column, bad method string...) prints one line
-``peftlab: error: ...`` to stderr and exits with status 2.
+Bad input (unknown task, missing file, unknown column, bad method string, a method that does not
+apply to the model, a ``--device`` this machine lacks...) prints one line ``peftlab: error: ...``
+to stderr and exits with status 2. ``--help`` shows every option's default; ``--version`` prints
+the version.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from peftlab import __version__
 from peftlab.core.registry import method_specs
 from peftlab.train.cli import (
     INFO_HELP,
     TRAIN_HELP,
     CliError,
+    DefaultsHelpFormatter,
     add_info_arguments,
     add_train_arguments,
     one_line,
@@ -37,12 +41,18 @@ METHODS_HELP = "list the registered PEFT methods (name, family, sites, merges, d
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``peftlab`` command (``bench`` parses its own arguments)."""
-    parser = argparse.ArgumentParser(prog="peftlab", description="Parameter-efficient fine-tuning.")
+    parser = argparse.ArgumentParser(prog="peftlab", description="Parameter-efficient fine-tuning.",
+                                     epilog="peftlab COMMAND --help shows a command's options and their defaults.",
+                                     formatter_class=DefaultsHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"peftlab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,info,bench,methods}")
-    add_train_arguments(sub.add_parser("train", help=TRAIN_HELP))
-    add_info_arguments(sub.add_parser("info", help=INFO_HELP))
+    add_train_arguments(sub.add_parser("train", help=TRAIN_HELP, description=TRAIN_HELP,
+                                       formatter_class=DefaultsHelpFormatter))
+    add_info_arguments(sub.add_parser("info", help=INFO_HELP, description=INFO_HELP,
+                                      formatter_class=DefaultsHelpFormatter))
     sub.add_parser("bench", help=BENCH_HELP, add_help=False)
-    methods = sub.add_parser("methods", help=METHODS_HELP, description=METHODS_HELP)
+    methods = sub.add_parser("methods", help=METHODS_HELP, description=METHODS_HELP,
+                             formatter_class=DefaultsHelpFormatter)
     methods.add_argument("--json", action="store_true", help="print the registry as a JSON list")
     return parser
 

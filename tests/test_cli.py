@@ -196,3 +196,101 @@ def test_train_minilm_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[s
     capsys.readouterr()
     assert main(["info", str(out)]) == 0
     assert f"{report['trainable_params']:,}" in capsys.readouterr().out
+
+
+# -- issue 8, item 7: help with defaults, --version, --device, task aliases, methods that do not apply ---
+
+def test_help_shows_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--help"])
+    assert info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for shown in ("(default: lora[r=8])", "(default: 32)", "(default: 0.06)", "(default: auto)", "(default: 0)",
+                  "(default: minilm)", "(default: the method's default_lr"):
+        assert shown in text, shown
+    assert "(default: None)" not in text and "(default: False)" not in text
+    from peftlab.bench.cli import main as bench_main
+
+    with pytest.raises(SystemExit):
+        bench_main(["lora", "--help"])
+    assert "(default: runs/bench_lora.json)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"peftlab {peftlab.__version__}"
+
+
+@pytest.mark.parametrize("device, says", [
+    ("cuda", "CUDA is not available on this machine"),
+    ("cuda:0", "CUDA is not available on this machine"),
+    ("mps", "MPS backend is not available on this machine"),
+    ("gpu", "not a device name; use auto, cpu, cuda, mps or cuda:N"),
+    ("meta", "this command runs on auto, cpu, cuda, mps or cuda:N"),
+])
+def test_unavailable_or_unknown_device_is_one_line(device: str, says: str, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    # Checked before anything is loaded: the task's data need not exist.
+    err = _fails_with(["train", "--task", "sst2", "--device", device, "--out", str(tmp_path)], capsys)
+    assert says in err and err.startswith(f"peftlab: error: --device {device}")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_bench_refuses_a_missing_device_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "lora", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("peftlab bench: error: --device cuda: CUDA is not available") and "\n" not in err
+
+
+def test_task_aliases_name_the_registered_task() -> None:
+    from peftlab.train.tasks import TASKS, get_task
+
+    for alias, name in [("sst2", "glue_sst2"), ("SST-2", "glue_sst2"), ("glue_sst2", "glue_sst2"),
+                        ("sts-b", "glue_stsb"), ("mnli", "glue_mnli_subset"), ("QQP", "glue_qqp_subset")]:
+        assert get_task(alias).name == name
+    for name in TASKS:
+        assert get_task(name.removeprefix("glue_")).name == name
+
+
+def test_unknown_task_alias_lists_the_task_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    err = _fails_with(["train", "--task", "sst3", "--out", str(tmp_path), "--device", "cpu"], capsys)
+    assert "unknown task 'sst3'" in err and all(name in err for name in ("glue_sst2", "glue_mnli_subset"))
+
+
+@needs_data
+def test_a_task_alias_loads_the_registered_task() -> None:
+    """What ``peftlab train --task sst2`` loads (the report records the registered name)."""
+    from peftlab.train.data import load_task
+
+    assert load_task("sst2", "eval", limit=4).task == "glue_sst2"
+
+
+def test_method_that_does_not_apply_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """bitfit on a Llama (no biases): NotApplicableError, reported before the first evaluation."""
+    from transformers import BertTokenizer
+
+    from peftlab.zoo import tiny_model
+
+    model_dir = tmp_path / "llama"
+    tiny_model("llama").save_pretrained(model_dir)
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad"]) + "\n")
+    BertTokenizer(str(tmp_path / "vocab.txt")).save_pretrained(model_dir)
+    data = tmp_path / "d.tsv"
+    data.write_text("sentence\tlabel\n" + "\n".join(f"{w}\t{int(w == 'good')}" for w in ["good", "bad"] * 4) + "\n")
+    capsys.readouterr()  # save_pretrained's progress bars
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--model", str(model_dir), "--data", str(data), "--text-cols", "sentence",
+              "--label-col", "label", "--method", "bitfit", "--device", "cpu", "--no-progress",
+              "--out", str(tmp_path / "o")])
+    assert info.value.code == 2
+    stderr = capsys.readouterr().err
+    err = stderr.strip().splitlines()[-1]  # after transformers' own "Loading weights" bar
+    assert "Traceback" not in stderr and err.startswith("peftlab: error: bitfit cannot be applied to "
+                                                        "LlamaForSequenceClassification")
+    assert not (tmp_path / "o").exists()

@@ -15,6 +15,7 @@ from typing import Sequence
 
 from peftlab.bench.models import SPECS
 from peftlab.bench.suite import SECTIONS, Options
+from peftlab.train.cli import CliError, DefaultsHelpFormatter, check_device
 
 
 def _csv(choices: Sequence[str], what: str):
@@ -29,11 +30,13 @@ def _csv(choices: Sequence[str], what: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="peftlab bench", description="Benchmarks: peftlab vs Hugging Face PEFT.")
+    parser = argparse.ArgumentParser(prog="peftlab bench", description="Benchmarks: peftlab vs Hugging Face PEFT.",
+                                     formatter_class=DefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="bench", required=True, metavar="{lora}")
     lora = sub.add_parser("lora", help="LoRA/DoRA: train step, inference, mixed-adapter batches",
                           description="LoRA/DoRA training steps, inference (merged and unmerged) and mixed-adapter "
-                                      "batches, peftlab and PEFT side by side in one run.")
+                                      "batches, peftlab and PEFT side by side in one run.",
+                          formatter_class=DefaultsHelpFormatter)
     # "tiny" (a tiny random Llama built in-process) is accepted but not advertised: it is for tests.
     lora.add_argument("--models", type=_csv(tuple(SPECS), "model"), default=("smollm2", "minilm"),
                       help="comma-separated: smollm2, minilm (default both)")
@@ -43,8 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--only", type=_csv(SECTIONS, "section"), default=SECTIONS,
                       help="train, infer or mixed (comma-separated for several; default all)")
     lora.add_argument("--threads", type=int, default=0, help="torch threads in every job (default: torch's default)")
-    lora.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    lora.add_argument("--seed", type=int, default=0)
+    lora.add_argument("--device", default="auto",
+                      help="auto (cuda when available, else cpu), cpu, cuda or cuda:N; a device this machine lacks "
+                           "is an error")
+    lora.add_argument("--seed", type=int, default=0, help="seed of the data and the adapters' init")
     lora.add_argument("--isolate", choices=("auto", "always", "never"), default="auto", help=argparse.SUPPRESS)
     lora.add_argument("--decode-factor", type=int, default=4, help=argparse.SUPPRESS)
     lora.add_argument("--from-json", help=argparse.SUPPRESS)  # re-print (and re-plot) a report, run nothing
@@ -68,6 +73,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.steps < 1:
         print("peftlab bench: error: --steps must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        check_device(args.device, kinds=("cpu", "cuda"))  # before anything is loaded
+    except CliError as err:
+        print(f"peftlab bench: error: {err}", file=sys.stderr)
         return 2
     from peftlab.bench.suite import run
     from peftlab.bench.table import load_report, plot, render

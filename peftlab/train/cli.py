@@ -2,7 +2,8 @@
 
 This layer defines their arguments (:func:`add_train_arguments`, :func:`add_info_arguments`) and
 runs them (:func:`run_train`, :func:`run_info`); it never imports :mod:`peftlab.cli`. Bad input
-(unknown task, missing file, unknown column, bad method string...) raises :class:`CliError`, which
+(unknown task, missing file, unknown column, bad method string, a method that does not apply to the
+model, a ``--device`` this machine lacks...) raises :class:`CliError`, which
 the ``peftlab`` command prints as one line ``peftlab: error: ...`` to stderr, exiting with status 2.
 """
 
@@ -59,10 +60,50 @@ TRAIN_HELP = "fine-tune a model with a PEFT method and save the adapter"
 INFO_HELP = "show what an adapter directory holds"
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each option's default as "(default: ...)", except where there is nothing to
+    show (no default, a flag that is off) or the help text already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if any(action.default is v for v in (None, False, argparse.SUPPRESS)) or "default" in text:  # 0 is shown
+            return text
+        return super()._get_help_string(action) or text
+
+
+def check_device(name: str, kinds: Sequence[str] = ("cpu", "cuda", "mps")) -> str:
+    """``--device``: ``auto`` becomes cuda when available, else cpu; any other name must be a device
+    of one of ``kinds`` that this machine has. Raises :class:`CliError` (one line) otherwise."""
+    import torch  # noqa: PLC0415
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    choices = f"auto, {', '.join(kinds)}" + (" or cuda:N" if "cuda" in kinds else "")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CliError(f"--device {name}: not a device name; use {choices}") from None
+    if device.type not in kinds:
+        raise CliError(f"--device {name}: this command runs on {choices}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise CliError(f"--device {name}: CUDA is not available on this machine ({why}, torch "
+                           f"{torch.__version__}); use --device cpu or auto")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise CliError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise CliError(f"--device {name}: Apple's MPS backend is not available on this machine; "
+                       "use --device cpu or auto")
+    return name
+
+
 def add_train_arguments(train: argparse.ArgumentParser) -> None:
     """The arguments of ``peftlab train``, added to ``train`` (its subparser)."""
     train.add_argument("--model", default="minilm", help="zoo name (minilm, smollm2) or a Hugging Face model directory")
-    train.add_argument("--task", help=f"registered task: {', '.join(TASKS)}")
+    train.add_argument("--task", help=f"registered task: {', '.join(TASKS)}; the glue_ prefix, case and '-' may be "
+                                      "left out (sst2, SST-2 and glue_sst2 are one task; mnli is glue_mnli_subset)")
     train.add_argument("--data", help="your own train file (.csv, .tsv, .jsonl, .json) instead of --task")
     train.add_argument("--eval-data", help="your own eval file (default: 10%% of --data held out)")
     train.add_argument("--text-cols", help="one or two comma-separated text columns of --data")
@@ -71,22 +112,24 @@ def add_train_arguments(train: argparse.ArgumentParser) -> None:
                        help="how to read --data labels (auto: non-integral numbers mean regression)")
     train.add_argument("--method", default="lora[r=8]", help='method string, e.g. "lora[r=8,alpha=16]"')
     train.add_argument("--out", required=True, help="directory for the adapter and report.json")
-    train.add_argument("--epochs", type=int, default=1)
+    train.add_argument("--epochs", type=int, default=1, help="passes over the training data")
     train.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     train.add_argument("--lr", type=float, default=None,
                        help="peak learning rate (default: the method's default_lr, see peftlab methods; "
                             "for a union a+b, that of its first part)")
     train.add_argument("--loraplus-ratio", type=float, default=1.0, help="LoRA+: lr of B = ratio x lr")
-    train.add_argument("--weight-decay", type=float, default=0.0)
-    train.add_argument("--warmup-ratio", type=float, default=0.06)
-    train.add_argument("--grad-accum", type=int, default=1)
-    train.add_argument("--batch-size", type=int, default=32)
-    train.add_argument("--max-length", type=int, default=128)
+    train.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    train.add_argument("--warmup-ratio", type=float, default=0.06, help="share of the steps spent warming up the lr")
+    train.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step")
+    train.add_argument("--batch-size", type=int, default=32, help="examples per batch")
+    train.add_argument("--max-length", type=int, default=128, help="tokens per example (longer ones are cut)")
     train.add_argument("--train-limit", type=int, help="random subset of this many train examples")
     train.add_argument("--eval-limit", type=int, help="random subset of this many eval examples")
     train.add_argument("--eval-every", type=int, help="also evaluate (and checkpoint) every N steps")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
+    train.add_argument("--seed", type=int, default=0, help="seed of the data order, subsets and the adapter's init")
+    train.add_argument("--device", default="auto",
+                       help="auto (cuda when available, else cpu), cpu, cuda, cuda:N or mps; a device this machine "
+                            "lacks is an error")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -133,14 +176,6 @@ def method_default_lr(method: str) -> float:
         return get_method(first.method).default_lr
 
 
-def _device(name: str) -> str:
-    if name != "auto":
-        return name
-    import torch  # noqa: PLC0415
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def run_train(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
     """``peftlab train``: evaluate, apply the method, train, evaluate again, save, report.
 
@@ -155,11 +190,16 @@ def run_train(args: argparse.Namespace, argv: Sequence[str] | None = None) -> in
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CliError(f"--out {out} exists and is not a directory")
+    device = check_device(args.device)  # before anything is loaded
+    with user_errors(ValueError, KeyError):
+        parts = config_parts(parse_method_string(args.method))
     lr = args.lr if args.lr is not None else method_default_lr(args.method)
     lr_source = "--lr" if args.lr is not None else "method default"
     train_ex, eval_ex, data_name = _load_data(args)
-    device = _device(args.device)
     model, tokenizer = _load_model(args.model, train_ex)
+    with user_errors(ValueError):  # NotApplicableError (bitfit on Llama...) before the first evaluation
+        for part in parts:
+            get_method(part.method).check_applicable(model)
     with user_errors(ValueError):
         train_loader = make_loader(train_ex, tokenizer, args.batch_size, args.max_length, shuffle=True, seed=args.seed)
         eval_loader = make_loader(eval_ex, tokenizer, args.batch_size, args.max_length)
