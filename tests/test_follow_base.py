@@ -88,6 +88,14 @@ def test_model_to_float64_casts_adapters_and_heads(case):
     assert _adapter_dtypes(pm) == {torch.float32}
 
 
+def _back_to_cpu(model, state: dict, buffers: dict) -> None:
+    model.to_empty(device="cpu")
+    model.load_state_dict(state)
+    with torch.no_grad():  # non-persistent buffers (rotary frequencies, position ids) are not in the state dict
+        for name, buf in model.named_buffers():
+            buf.copy_(buffers[name])
+
+
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_model_to_meta_is_a_clear_error_and_pm_to_meta_moves_everything(case):
     _, kind, task, spec, overrides = case
@@ -105,15 +113,14 @@ def test_model_to_meta_is_a_clear_error_and_pm_to_meta_moves_everything(case):
     with pm.disable_adapters():  # the base alone still runs on meta
         assert _run(pm, meta_ids).device.type == "meta"
     # Moving the model back (here: empty storage, then its weights) gives the adapted model again.
-    model.to_empty(device="cpu")
-    model.load_state_dict(state)
-    with torch.no_grad():  # non-persistent buffers (rotary frequencies) are not in the state dict
-        for name, buf in model.named_buffers():
-            buf.copy_(buffers[name])
+    _back_to_cpu(model, state, buffers)
     assert (_run(pm, ids) - reference).abs().max().item() <= 1e-6
     pm.to("meta")  # on purpose: adapters too
     assert _devices(pm) == {"meta"}
     assert _run(pm, meta_ids).device.type == "meta"
+    _back_to_cpu(model, state, buffers)  # the adapters on meta hold no values: not followed either
+    with pytest.raises(AdapterPlacementError, match="hold no values"):
+        _run(pm, ids)
 
 
 def test_direct_call_of_the_users_model_follows_too():

@@ -102,8 +102,9 @@ def follow(deltas: Iterable[nn.Module], ref: BaseRef, where: str, in_use: bool) 
     """Move or cast ``deltas`` to agree with the base ``ref`` stands for (module docstring).
 
     Returns whether they now agree (then ``ref`` has accepted the base's new state). A base on
-    ``meta`` with deltas elsewhere raises :class:`AdapterPlacementError` when ``in_use`` (the call
-    is about to use them); otherwise nothing is moved and False is returned, to check again later.
+    ``meta`` with deltas elsewhere, or deltas on ``meta`` with the base elsewhere, raises
+    :class:`AdapterPlacementError` when ``in_use`` (the call is about to use them); otherwise
+    nothing is moved and False is returned, to check again at a later call.
     """
     now = ref.current()
     if now is None:
@@ -117,11 +118,13 @@ def follow(deltas: Iterable[nn.Module], ref: BaseRef, where: str, in_use: bool) 
         want = t.dtype if t.dtype in (dtype, adapter_dtype(dtype)) else adapter_dtype(dtype)
         if t.device != device or t.dtype != want:
             pending.append((delta, t.device, want))
-    if device.type == "meta" and any(d_dev.type != "meta" for _, d_dev, _ in pending):
-        if not in_use:
-            return False
+    off_meta = any(d_dev.type != "meta" for _, d_dev, _ in pending)
+    on_meta = any(d_dev.type == "meta" for _, d_dev, _ in pending)
+    if (off_meta if device.type == "meta" else on_meta) and not in_use:
+        return False
+    if device.type == "meta" and off_meta:
         raise AdapterPlacementError(_meta_message(where, pending[0][1]))
-    if device.type != "meta" and any(d_dev.type == "meta" for _, d_dev, _ in pending):
+    if device.type != "meta" and on_meta:
         raise AdapterPlacementError(
             f"the adapters are on 'meta' (they hold no values) but the base model is on {device} ({where}): "
             "call pm.to_empty(device=...) and load the adapter again, or pm.to('meta') to run on meta."
