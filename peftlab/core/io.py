@@ -10,7 +10,8 @@ A directory holds three files:
     :class:`~peftlab.core.registry.PeftFormat`), else ``{"peft_type": "PEFTLAB"}``; plus what PEFT
     reads from the base: ``base_model_name_or_path`` (the base's ``config._name_or_path`` /
     ``name_or_path``, null if empty) and ``task_type`` (from the base class, :func:`task_type_of`;
-    with none, ``auto_mapping`` names the class, as PEFT writes it), so
+    SEQ_CLS / TOKEN_CLS only with the classification head saved; with none, ``auto_mapping`` names
+    the class, as PEFT writes it), so
     ``peft.AutoPeftModelFor...from_pretrained(dir)`` finds the base. Nothing else: PEFT warns
     ("Unexpected keyword arguments ...") about any key its config class does not have.
 ``peftlab_config.json``
@@ -40,6 +41,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save, save_file
 
 from peftlab.core.config import AdapterConfig, ConfigError, UnionConfig, config_from_dict
+from peftlab.core.delta import HeadCopy
+from peftlab.core.peft_format import PEFT_CLS_HEADS
 from peftlab.core.registry import get_method, method_for_peft_type, peft_types
 
 CONFIG_NAME = "adapter_config.json"
@@ -113,11 +116,25 @@ def base_name_or_path(model: Any) -> str | None:
     return None
 
 
-def base_fields(model: Any) -> dict[str, Any]:
+def _heads_saved(model: Any, placed: dict[str, Any] | None) -> bool:
+    """Whether the adapter carries a copy of every classification head PEFT's SEQ_CLS / TOKEN_CLS
+    classes wrap (modules whose name ends with ``classifier`` or ``score``): they load its weights
+    from the file and fail (KeyError) without them."""
+    needed = [n for n, _ in model.named_modules() if n and n.endswith(PEFT_CLS_HEADS)]
+    saved = {n for n, d in (placed or {}).items() if isinstance(d, HeadCopy)}
+    return bool(needed) and all(n in saved for n in needed)
+
+
+def base_fields(model: Any, placed: dict[str, Any] | None = None) -> dict[str, Any]:
     """The fields of ``adapter_config.json`` that PEFT reads from the base model: ``base_model_name_or_path``,
     ``task_type`` and, without a task type, ``auto_mapping`` (the base class, as PEFT writes it), which
-    ``peft.AutoPeftModel.from_pretrained`` uses to rebuild the base."""
-    fields: dict[str, Any] = {"base_model_name_or_path": base_name_or_path(model), "task_type": task_type_of(model)}
+    ``peft.AutoPeftModel.from_pretrained`` uses to rebuild the base. SEQ_CLS / TOKEN_CLS are written
+    only when the adapter saves the classification head (``placed``: {module: delta}), since PEFT's
+    classes for them read its weights from the file; otherwise the task type is null."""
+    task = task_type_of(model)
+    if task in ("SEQ_CLS", "TOKEN_CLS") and not _heads_saved(model, placed):
+        task = None
+    fields: dict[str, Any] = {"base_model_name_or_path": base_name_or_path(model), "task_type": task}
     if model is not None and fields["task_type"] is None and hasattr(type(model), "from_pretrained"):
         fields["auto_mapping"] = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
     return fields
@@ -133,7 +150,7 @@ def config_file_dict(
     peft = get_method(cfg.method).peft if isinstance(cfg, AdapterConfig) else None
     d = peft.write(cfg, placed) if peft is not None else {"peft_type": "PEFTLAB"}
     if base is not None:
-        for key, value in base_fields(base).items():
+        for key, value in base_fields(base, placed).items():
             if d.get(key) is None:
                 d[key] = value
         if d.get("task_type") is not None:
