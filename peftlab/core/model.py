@@ -4,6 +4,11 @@
 base through one :class:`~peftlab.core.dispatch.Dispatcher` per hooked module. ``pm.model`` is the
 user's own object, with its own class and ``state_dict`` keys; ``unload()`` removes every hook and
 gives it back unchanged.
+
+A PEFT user's calls have PEFT's meaning (``save_pretrained``, ``from_pretrained``, ``load_adapter``,
+``print_trainable_parameters``, ``disable_adapter``...); any other name the container lacks is the
+base model's, except the deny-list :data:`NOT_FORWARDED` (names that would save, load or upload the
+base instead of the adapter), which raises :class:`NotForwardedError`.
 """
 
 from __future__ import annotations
@@ -767,8 +772,9 @@ def apply(
 ) -> PeftModel:
     """Attach a new adapter to ``model`` and activate it.
 
-    ``config`` is a config object, a dict, or a method string such as
-    ``"lora[r=8,alpha=16,targets=q_proj|v_proj]"``. ``overrides`` set config fields (on the first
+    ``config`` is a config object, a dict, a method string such as
+    ``"lora[r=8,alpha=16,targets=q_proj|v_proj]"``, or a Hugging Face PEFT config object
+    (``peft.LoraConfig(...)``, read through the registered PEFT readers; ``core/config.from_peft_config``). ``overrides`` set config fields (on the first
     part of a union), e.g. ``modules_to_save=["classifier"]``. The base parameters are frozen.
     A plain model that another ``PeftModel`` already hooks is refused with a ``ValueError`` that
     points to ``pm.add_adapter`` (a second set of hooks would change the first container's outputs).
