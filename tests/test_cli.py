@@ -70,6 +70,18 @@ def test_info_without_report_reads_adapter_files(tmp_path: Path, capsys: pytest.
     assert "lora" in out and "adapter_model.safetensors" in out
 
 
+def test_info_reads_our_config_beside_peft_fields(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A directory saved today: PEFT's fields in adapter_config.json, ours in peftlab_config.json."""
+    import peftlab
+    from peftlab.zoo import tiny_model
+
+    peftlab.apply(tiny_model("llama"), "lora[r=4,rslora=true]").save(tmp_path)
+    assert main(["info", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "rslora" in out and "peftlab_config.json" in out
+    assert "lora_alpha" not in out  # PEFT's own field names are not what info shows
+
+
 def test_info_with_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     report = {"model": "m", "task": "glue_rte", "method": "lora[r=2]", "trainable_params": 123456,
               "total_params": 1000000, "metric_names": ["accuracy"],

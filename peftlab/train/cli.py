@@ -20,6 +20,7 @@ from typing import Any
 
 import peftlab
 from peftlab.core.config import config_parts, parse_method_string
+from peftlab.core.io import PEFTLAB_CONFIG_NAME
 from peftlab.core.registry import get_method
 from peftlab.train.examples import DataError, Examples
 from peftlab.train.report import (
@@ -284,7 +285,10 @@ def run_info(args: argparse.Namespace) -> int:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as err:
         raise CliError(f"{config_path} is not valid JSON ({err.msg}, line {err.lineno})") from err
-    fields = config.get("peftlab", config)
+    # Our full config lives in peftlab_config.json (older files kept it inside adapter_config.json).
+    own_path = directory / PEFTLAB_CONFIG_NAME
+    own = json.loads(own_path.read_text()).get("peftlab") if own_path.is_file() else None
+    fields = own or config.get("peftlab", config)
     rows = [(str(k), json.dumps(v) if not isinstance(v, str) else v)
             for k, v in fields.items() if v not in (None, [], {})]
     weights = directory / "adapter_model.safetensors"
