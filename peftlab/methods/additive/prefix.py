@@ -80,6 +80,7 @@ from peftlab.core.model_calls import (
     store_in_cache,
 )
 from peftlab.core.peft_format import modules_to_save_from_peft, modules_to_save_to_peft
+from peftlab.core.io import task_type_of
 from peftlab.core.registry import PeftFormat, register_method
 from peftlab.core.requirements import KV_CACHE_MODEL
 
@@ -235,11 +236,8 @@ def _geometry(model: nn.Module) -> dict[str, Any]:
     enc_dec = bool(getattr(cfg, "is_encoder_decoder", False))
     if enc_dec and getattr(text, "num_decoder_layers", layers) != layers:
         raise NotImplementedError("prefix tuning (PEFT's layout) needs as many decoder as encoder layers")
-    name = type(model).__name__
-    task = ("SEQ_2_SEQ_LM" if enc_dec else "CAUSAL_LM" if name.endswith(("ForCausalLM", "LMHeadModel"))
-            else "SEQ_CLS" if name.endswith("ForSequenceClassification")
-            else "TOKEN_CLS" if name.endswith("ForTokenClassification")
-            else "QUESTION_ANS" if name.endswith("ForQuestionAnswering") else "FEATURE_EXTRACTION")
+    # PEFT's prompt-learning wrapper needs a task type; a model it does not name is a feature extractor.
+    task = "SEQ_2_SEQ_LM" if enc_dec else (task_type_of(model) or "FEATURE_EXTRACTION")
     return {"num_layers": layers, "token_dim": token_dim, "num_attention_heads": peft_heads,
             "num_transformer_submodules": 2 if enc_dec else 1, "task_type": task}
 
