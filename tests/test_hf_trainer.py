@@ -23,7 +23,7 @@ from safetensors import safe_open
 import peftlab
 from peftlab.core.io import AdapterFileError
 from peftlab.train.data import encode, load_task
-from peftlab.train.hf_trainer import AdapterTrainer, load_adapters_in_place, save_adapters
+from peftlab.train.hf_trainer import AdapterTrainer, load_adapters_in_place
 from peftlab.zoo import tiny_batch, tiny_model
 
 from conftest import first_output, one_thread, randomize_adapter
@@ -123,7 +123,7 @@ def test_plain_trainer_trains_a_classification_head_and_evaluates_with_labels(tm
 
     data = _token_rows(16, 8, labels="class")
     trainer = transformers.Trainer(model=pm, args=_args(tmp_path, max_steps=4, per_device_train_batch_size=4,
-                                                        learning_rate=1e-2, save_strategy="no"),
+                                                        learning_rate=1e-2),
                                    train_dataset=data, eval_dataset=data, compute_metrics=metrics)
     assert trainer.label_names == ["labels"]
     out = trainer.train()
@@ -141,7 +141,7 @@ def test_plain_trainer_trains_a_causal_lm(tmp_path):
     pm = peftlab.apply(tiny_model("llama", task="causal-lm"), "lora[r=4]")
     data = _token_rows(16, 8, labels="tokens")
     trainer = transformers.Trainer(model=pm, args=_args(tmp_path, max_steps=6, per_device_train_batch_size=4,
-                                                        learning_rate=1e-2, save_strategy="no"),
+                                                        learning_rate=1e-2),
                                    train_dataset=data, eval_dataset=data)
     assert trainer.label_names == ["labels"]
     first = trainer.evaluate()["eval_loss"]
@@ -254,7 +254,7 @@ def test_several_adapters_round_trip_in_place(tmp_path):
     randomize_adapter(pm, "a", seed=1)
     randomize_adapter(pm, "b", seed=2)
     saved = {n: _adapter_state(pm, n) for n in ("a", "b")}
-    assert save_adapters(pm, tmp_path) == ["a", "b"]
+    pm.save_pretrained(tmp_path)  # "a" (no "default": the first) at the root, "b" in b/
     assert (tmp_path / "adapter_model.safetensors").is_file() and (tmp_path / "b" / "adapter_model.safetensors").is_file()
     params = [p for n in ("a", "b") for p, _ in pm.adapter_parameters(n)]
     randomize_adapter(pm, "a", seed=3)
@@ -271,6 +271,17 @@ def test_several_adapters_round_trip_in_place(tmp_path):
     with pytest.raises(AdapterFileError, match="differs"):
         load_adapters_in_place(other, tmp_path)
     assert all(torch.equal(v, kept[k]) for k, v in _adapter_state(other, "a").items())
+
+
+def test_adapter_trainer_checkpoints_a_model_with_tied_embeddings(tmp_path):
+    """GPT-2 ties lm_head to wte: plain Trainer's final checkpoint (the whole state_dict through
+    safetensors) raises on the shared tensors; the adapter files have none."""
+    pm = peftlab.apply(tiny_model("gpt2", task="causal-lm"), "lora[r=4]")
+    assert pm.model.lm_head.weight is pm.model.transformer.wte.weight
+    trainer = AdapterTrainer(model=pm, args=_args(tmp_path, max_steps=2), train_dataset=_token_rows(8, 8, labels="tokens"))
+    trainer.train()
+    names = {p.name for p in (tmp_path / "checkpoint-2").iterdir()}
+    assert "adapter_model.safetensors" in names and names <= ADAPTER_FILES | TRAINER_FILES
 
 
 def test_adapter_trainer_leaves_other_models_to_the_trainer(tmp_path):

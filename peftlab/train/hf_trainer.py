@@ -6,14 +6,17 @@ Trainer keeps the right dataset columns and finds the label arguments (``labels`
 classification head or a causal LM), and only the adapters' parameters require gradients. What it
 cannot do is *save* an adapter: ``Trainer._save`` calls ``save_pretrained`` only on a
 ``transformers.PreTrainedModel`` or a Hugging Face ``peft.PeftModel`` (an ``isinstance`` test) and
-otherwise writes ``model.state_dict()``, the whole base model, to ``model.safetensors``; and
+otherwise writes ``model.state_dict()``, the whole base model, to ``model.safetensors`` (and raises
+on a base with tied embeddings, GPT-2 or SmolLM2, whose shared tensors safetensors refuses: with
+default arguments that happens at the final checkpoint, after training); and
 ``_load_from_checkpoint`` / ``_load_best_model`` read adapter files only into Hugging Face PEFT
 models. So the glue is three overridden methods:
 
 - ``_save`` (``trainer.save_model(dir)`` and every ``checkpoint-N``) writes the adapters with
-  ``PeftModel.save`` (``adapter_config.json`` + ``adapter_model.safetensors``: the first active
-  adapter in the directory itself, any other adapter in ``<dir>/<adapter name>/``), then the
-  tokenizer / processor and ``training_args.bin`` as the Trainer does; never a base weight.
+  ``PeftModel.save_pretrained`` (``adapter_config.json``, ``adapter_model.safetensors`` and
+  ``peftlab_config.json``: the adapter named ``default``, else the first, in the directory itself,
+  every other one in ``<dir>/<adapter name>/``), then the tokenizer / processor and
+  ``training_args.bin`` as the Trainer does; never a base weight.
 - ``_load_from_checkpoint`` (``trainer.train(resume_from_checkpoint=...)``) and
   ``_load_best_model`` (``load_best_model_at_end``) copy those files into the adapters already
   placed, in place, so the optimizer's parameters stay the same objects. Optimizer, scheduler,
@@ -26,7 +29,10 @@ Trainer subclass (``class MyTrainer(AdapterCheckpoints, SomeTrainer)``).
 
 The saved directory loads with ``peftlab.load(fresh_base, dir)`` (and, for the methods Hugging
 Face PEFT has, with PEFT). Not covered: DeepSpeed ZeRO-3 or FSDP sharded parameters (``_save``
-writes the adapter tensors this process holds) and SageMaker model parallelism.
+writes the adapter tensors this process holds) and SageMaker model parallelism. With
+``label_smoothing_factor > 0`` the Trainer recognises a causal LM by its class name (to shift the
+labels), which the container's ``PeftModel[...]`` class does not match: compute that loss yourself
+(``compute_loss_func``) for a causal LM.
 """
 
 from __future__ import annotations
@@ -42,37 +48,25 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from peftlab.core import io
 from peftlab.core.model import PeftModel
 
-__all__ = ["AdapterCheckpoints", "AdapterTrainer", "save_adapters", "load_adapters_in_place"]
+__all__ = ["AdapterCheckpoints", "AdapterTrainer", "load_adapters_in_place"]
 
 
 def _root_adapter(pm: PeftModel) -> str:
-    """The adapter written in the directory itself: the first active one, else the first one."""
-    names = pm.active_adapters or pm.adapters
-    if not names:
-        raise ValueError("the PeftModel has no adapter to save")
-    return names[0]
-
-
-def save_adapters(pm: PeftModel, directory: str | os.PathLike) -> list[str]:
-    """Write every adapter of ``pm``: the first active one in ``directory`` (what
-    ``peftlab.load(base, directory)`` reads), each other one in ``directory/<name>``. Returns the
-    adapter names in the order written."""
-    root = _root_adapter(pm)
-    pm.save(directory, adapter_name=root)
-    for name in pm.adapters:
-        if name != root:
-            pm.save(Path(directory) / name, adapter_name=name)
-    return [root, *(n for n in pm.adapters if n != root)]
+    """The adapter ``PeftModel.save_pretrained`` writes in the directory itself."""
+    if not pm.adapters:
+        raise ValueError("the PeftModel has no adapter")
+    return "default" if "default" in pm.adapters else pm.adapters[0]
 
 
 def load_adapters_in_place(pm: PeftModel, directory: str | os.PathLike) -> list[str]:
-    """Read what :func:`save_adapters` wrote into the adapters ``pm`` already has, copying the
+    """Read what ``pm.save_pretrained(directory)`` wrote into the adapters ``pm`` already has, copying the
     tensors into their parameters (the same objects, so an optimizer built over them stays valid).
 
-    Every file is checked before any parameter changes: each adapter of ``pm`` needs its files
-    (the root adapter in ``directory``, the others in ``directory/<name>``), written for the same
-    config and base. Raises :class:`~peftlab.core.io.AdapterFileError` otherwise, and
-    ``RuntimeError`` while adapters are merged into the base weights."""
+    Each adapter of ``pm`` needs its files (the root adapter in ``directory``, the others in
+    ``directory/<name>``), written for the same config: every directory is read and its config
+    compared before any parameter changes, and each adapter's keys and shapes are checked before
+    it is filled. Raises :class:`~peftlab.core.io.AdapterFileError` otherwise, and ``RuntimeError``
+    while adapters are merged into the base weights."""
     directory = Path(directory)
     merged = list(pm._state.merged)
     if merged:
@@ -111,7 +105,7 @@ class AdapterCheckpoints:
         if not args.should_save:
             return None
         os.makedirs(output_dir, exist_ok=True)
-        save_adapters(pm, output_dir)
+        pm.save_pretrained(output_dir)
         # The rest of Trainer._save: the processing class and the training arguments.
         processing_class = getattr(self, "processing_class", None)
         tokenizer = getattr(getattr(self, "data_collator", None), "tokenizer", None)
