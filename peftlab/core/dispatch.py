@@ -74,6 +74,7 @@ class Dispatcher:
         self._inplace_ok = is_adaptable_layer(module)
         # The module's device and dtype, read at each call from one tensor (core/follow.py).
         self._base = BaseRef(module)
+        self._mode: bool | None = None  # the base module's training flag the deltas were last set to
         self._handles = [
             module.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
             module.register_forward_hook(self._post_hook, with_kwargs=True),
@@ -82,6 +83,7 @@ class Dispatcher:
     # -- bookkeeping ----------------------------------------------------------------------------
     def add(self, adapter: str, delta: Delta) -> None:
         self.deltas.setdefault(adapter, []).append(delta)
+        self._mode = None  # the new delta takes the base module's mode at the next call
         self.state.touch()
 
     def remove(self, adapter: str) -> None:
@@ -132,6 +134,13 @@ class Dispatcher:
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
         if self._base.changed():  # one tensor's device and dtype: the only per-call cost of following
             self.follow_base()
+        if self._mode is not module.training:
+            # The deltas are in the mode of the module they are attached to, so ``model.eval()`` on
+            # the user's own object turns off adapter dropout and rank sampling too.
+            for ds in self.deltas.values():
+                for d in ds:
+                    d.train(module.training)
+            self._mode = module.training
         if self.state.routing is not None:
             slots = self._slots("input")
             if not any(slots):

@@ -22,14 +22,15 @@ import torch
 from torch import nn
 
 from peftlab.core import io, signatures
-from peftlab.core.model_calls import checkpointing_enabled, enable_checkpointing
 from peftlab.core.accounting import adapter_report
 from peftlab.core.config import AdapterConfig, UnionConfig, as_config, config_parts
 from peftlab.core.delta import HeadCopy, RecentCache
 from peftlab.core.dispatch import AdapterState, Dispatcher, Routing
 from peftlab.core.follow import BaseRef, adapter_dtype, follow, refuse_meta
+from peftlab.core.model_calls import checkpointing_enabled, enable_checkpointing
 from peftlab.core.registry import get_method
 from peftlab.core.targeting import TargetError, _nearest, entry_matches
+from peftlab.core.training import TrainingHooks, total_regularizer
 
 # A placed adapter: (union part index, module name or "" for the model level, delta)
 Placement = list[tuple[int, str, nn.Module]]
@@ -209,6 +210,9 @@ class PeftModel(nn.Module):
         self.configs: dict[str, AdapterConfig | UnionConfig] = {}
         self.placements: dict[str, Placement] = {}
         self._trainable: dict[str, dict[str, bool]] = {}
+        # Methods that act during training (core/training.py): their hooks and step count per adapter.
+        self._training: dict[str, list[TrainingHooks]] = {}
+        self._steps: dict[str, int] = {}
         self._routings = RecentCache(size=8)  # adapter_names -> Routing, for repeated calls
         self._merge_log: dict[str, list[tuple[nn.Module, nn.Module, dict[str, torch.Tensor] | None]]] = {}
         self._state = AdapterState()
@@ -286,6 +290,14 @@ class PeftModel(nn.Module):
                     module_name, self.model.get_submodule(module_name), self._state
                 )
             disp.add(adapter_name, delta)
+        hooks = []
+        for part, pcfg in enumerate(config_parts(cfg)):
+            spec = get_method(pcfg.method)
+            if spec.training is not None:
+                hooks.append(spec.training(pcfg, {m: d for k, m, d in placement if k == part}))
+        if hooks:
+            self._training[adapter_name] = hooks
+            self._steps[adapter_name] = 0
         self._state.touch()
 
     def adapter_parameters(self, adapter_name: str) -> Iterator[tuple[nn.Parameter, bool]]:
@@ -324,7 +336,7 @@ class PeftModel(nn.Module):
                 disp.close()
                 del self._dispatchers[module_name]
         del self.adapter_modules[adapter_name]
-        for table in (self.configs, self.placements, self._trainable):
+        for table in (self.configs, self.placements, self._trainable, self._training, self._steps):
             table.pop(adapter_name, None)
         self._state.active = [a for a in self._state.active if a != adapter_name]
         self._state.touch()
@@ -469,6 +481,8 @@ class PeftModel(nn.Module):
             return kwargs
         if st.routing is None:
             for d in (d for n in st.active for _, _, d in self.placements[n] if d.site == "model"):
+                if d.training is not self.model.training:
+                    d.train(self.model.training)  # model-level deltas follow the base's mode too
                 kwargs = d.prepare(self.model, kwargs, generating=generating)
             return kwargs
         slots = [[d for _, _, d in self.placements[n] if d.site == "model"] for n in st.routing.names]
@@ -486,6 +500,9 @@ class PeftModel(nn.Module):
         if any(type(d) is not cls for d in present):
             kinds = sorted({type(d).__name__ for d in present})
             raise NotImplementedError(f"a mixed batch cannot combine different model-level methods ({', '.join(kinds)})")
+        for d in present:
+            if d.training is not self.model.training:
+                d.train(self.model.training)
         return cls.prepare_routed(slots, st.routing.slot, self.model, kwargs, generating)
 
     def forward(self, *args: Any, adapter_names: Sequence[str | None] | None = None, **kwargs: Any) -> Any:
@@ -511,6 +528,60 @@ class PeftModel(nn.Module):
         if checkpointing_kwargs.get("use_reentrant", True):
             # Reentrant checkpointing only backpropagates into segments whose inputs need grad.
             self.model.enable_input_require_grads()
+
+    # -- methods that act during training (core/training.py) ---------------------------------
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether an active adapter's method wants :meth:`calibrate` before training."""
+        return any(h.needs_calibration for n in self._state.active for h in self._training.get(n, ()))
+
+    def regularizer(self) -> torch.Tensor:
+        """Σ of the loss terms the active adapters' methods add (AdaLoRA's orthogonality penalty,
+        ...): a 0-dim tensor, 0 when none adds one. Add it to the task loss before ``backward``."""
+        like = next(self.adapter_modules.parameters(), None)
+        if like is None:
+            like = next(self.model.parameters())
+        hooks = [h for n in self._state.active for h in self._training.get(n, ())]
+        return total_regularizer(hooks, like.float() if not like.is_floating_point() else like)
+
+    def on_step(self) -> None:
+        """Tell the active adapters' methods that an optimizer step was taken (call it after
+        ``optimizer.step()``, before ``zero_grad``: hooks such as AdaLoRA's read the gradients)."""
+        for name in self._state.active:
+            if name in self._training:
+                self._steps[name] += 1
+                for h in self._training[name]:
+                    h.on_step(self._steps[name])
+        self._state.touch()
+
+    def calibrate(self, batches: Iterable[dict[str, Any]]) -> list[str]:
+        """Give the active adapters' methods that need data before training (``needs_calibration``)
+        a few batches of it; returns the names of the adapters calibrated."""
+        batches = list(batches)
+        done = []
+        for name in self._state.active:
+            hooks = [h for h in self._training.get(name, ()) if h.needs_calibration]
+            for h in hooks:
+                h.calibrate(self, batches)
+            if hooks:
+                done.append(name)
+        return done
+
+    def training_state(self, adapter_name: str) -> dict[str, Any]:
+        """The step count and hook states of one adapter (what a checkpoint keeps to resume)."""
+        return {"step": self._steps.get(adapter_name, 0),
+                "hooks": [h.state_dict() for h in self._training.get(adapter_name, ())]}
+
+    def load_training_state(self, adapter_name: str, state: dict[str, Any]) -> None:
+        """Restore what :meth:`training_state` returned."""
+        hooks = self._training.get(adapter_name, [])
+        if len(state.get("hooks", [])) != len(hooks):
+            raise ValueError(f"adapter {adapter_name!r}: the saved training state has {len(state.get('hooks', []))} "
+                             f"hook states, this adapter has {len(hooks)}")
+        if hooks:
+            self._steps[adapter_name] = int(state.get("step", 0))
+        for h, hs in zip(hooks, state["hooks"]):
+            h.load_state_dict(hs)
 
     # -- merging --------------------------------------------------------------------------------
     def merge(self, adapter_names: Sequence[str] | None = None) -> None:
@@ -571,6 +642,8 @@ class PeftModel(nn.Module):
         self.configs.clear()
         self.placements.clear()
         self._trainable.clear()
+        self._training.clear()
+        self._steps.clear()
         self._state.active = []
         self._state.touch()
         return model

@@ -22,6 +22,7 @@ from torch import nn
 
 from peftlab.core.config import AdapterConfig, ConfigError
 from peftlab.core.targeting import TargetError
+from peftlab.core.training import TrainingHooks
 
 Placement = dict  # dict[str, Delta]
 Builder = Callable[[nn.Module, AdapterConfig], Placement]
@@ -87,6 +88,8 @@ class MethodSpec:
     peft: PeftFormat | None = None
     #: What a model must have for the method to apply (checked before building).
     needs: tuple[Requirement, ...] = ()
+    #: What the method does while it trains (loss term, action per step, calibration), if anything.
+    training: type[TrainingHooks] | None = None
 
     def missing(self, model: nn.Module) -> list[Requirement]:
         """The requirements ``model`` does not meet (empty: the method applies)."""
@@ -125,6 +128,7 @@ def register_method(
     default_lr: float,
     peft: PeftFormat | None = None,
     needs: tuple[Requirement, ...] = (),
+    training: type[TrainingHooks] | None = None,
 ) -> MethodSpec:
     """Declare a method once. ``name`` becomes ``config_cls.method``; every field is validated."""
     if name in _METHODS:
@@ -142,8 +146,10 @@ def register_method(
     if peft is not None and peft.read is not None and peft.peft_type in _BY_PEFT_TYPE:
         raise ValueError(f"PEFT type {peft.peft_type!r} is read by {_BY_PEFT_TYPE[peft.peft_type].name!r} already")
     config_cls.method = name
+    if training is not None and not issubclass(training, TrainingHooks):
+        raise ValueError(f"method {name!r}: training must be a TrainingHooks subclass")
     spec = MethodSpec(name, config_cls, build, family, tuple(sites), merges, per_row, example, default_lr,
-                      peft, tuple(needs))
+                      peft, tuple(needs), training)
     _METHODS[name] = spec
     if peft is not None and peft.read is not None:
         _BY_PEFT_TYPE[peft.peft_type] = spec

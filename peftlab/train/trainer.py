@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from peftlab.core.model import PeftModel
 from peftlab.train.evaluation import bf16_available, evaluate_model, forward_loss, task_of, to_device
 from peftlab.train.memory import PeakMemory
 
@@ -89,6 +90,7 @@ class Trainer:
         save_fn: SaveFn | None = None,
         kind: str | None = None,
         metrics: Sequence[str] | None = None,
+        calibration_batches: int = 8,
     ) -> None:
         """Check the settings and build the optimizer and schedule (see the class docstring)."""
         if lr <= 0:
@@ -106,6 +108,10 @@ class Trainer:
         if save_fn is not None and checkpoint_dir is None:
             raise ValueError("save_fn needs checkpoint_dir: the folder the checkpoints go under")
         self.model = model
+        # A PeftModel's methods may act during training (core/training.py): loss terms, per-step
+        # actions, calibration. The trainer calls the container's protocol, never a method's code.
+        self.peft = model if isinstance(model, PeftModel) else None
+        self.calibration_batches = calibration_batches
         self.train_loader = train_loader
         self.eval_loader = eval_loader
         self.lr = lr
@@ -247,6 +253,9 @@ class Trainer:
         bar = tqdm(total=self.total_steps, desc="train", unit="step", disable=not self.progress,
                    dynamic_ncols=True)
         groups = self._accumulation_groups()
+        if self.peft is not None and self.peft.needs_calibration:
+            sample = [to_device(b, self.device) for _, b in zip(range(self.calibration_batches), self.train_loader)]
+            self.peft.calibrate(sample)
         with bar, PeakMemory(self.device) as memory:
             while step < self.total_steps:
                 step_start = time.perf_counter()
@@ -258,7 +267,8 @@ class Trainer:
                     if kind is None:
                         kind = self._task(self.train_loader, batch)[0]
                     loss, _ = forward_loss(self.model, batch, kind, self.mixed_precision)
-                    (loss / len(group)).backward()
+                    objective = loss if self.peft is None else loss + self.peft.regularizer()
+                    (objective / len(group)).backward()
                     loss_sum += float(loss.detach())
                     examples += _batch_size(batch)
                     tokens += _count_tokens(batch)
@@ -270,6 +280,8 @@ class Trainer:
                     nn.utils.clip_grad_norm_(params, self.max_grad_norm)
                 self.optimizer.step()
                 self.scheduler.step()
+                if self.peft is not None:
+                    self.peft.on_step()  # before zero_grad: methods may read the gradients
                 self.optimizer.zero_grad(set_to_none=True)
                 self._sync()
                 train_time += time.perf_counter() - step_start

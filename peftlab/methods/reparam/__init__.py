@@ -1,3 +1,4 @@
 """Reparameterized methods: they change W through a low-rank or structured ΔW."""
 
 from peftlab.methods.reparam import lora  # noqa: F401
+from peftlab.methods.reparam import dylora  # noqa: F401
