@@ -120,14 +120,15 @@ def test_save_load_same_outputs(kind, tmp_path):
 @pytest.mark.parametrize("kind", ["gpt2", "bert"])
 @pytest.mark.parametrize("activation_b", ["relu", "silu"])
 def test_mixed_batch_equals_per_adapter(kind, activation_b, monkeypatch):
-    """Gathered bmm when the activations agree (bottlenecks 8 and 3, zero-padded), else sub-batches."""
+    """Gathered bmm (bottlenecks 8 and 3, zero-padded), also when the activations differ (each row
+    takes its own σ of the shared pre-activation)."""
     calls = spy_on_routed(monkeypatch, HoulsbyAdapter)
     pm = peftlab.apply(tiny_net(kind), "houlsby[reduction_factor=4]", adapter_name="a")
     pm.add_adapter("b", HoulsbyConfig(r=3, activation=activation_b))
     randomize(pm, "a", seed=1)
     randomize(pm, "b", seed=2)
     assert_mixed_batch_equals_per_adapter(pm, ["a", "b", None])
-    assert calls and all(calls) == (activation_b == "relu") and any(calls) == (activation_b == "relu")
+    assert calls and all(calls)
 
 
 # -- config -------------------------------------------------------------------------------------------

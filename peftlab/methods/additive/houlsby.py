@@ -9,7 +9,9 @@ block (before the residual connection and LayerNorm), output site:
 W_up and b_up start at zero, so the adapted model is the base model at init. σ is ReLU, GELU or SiLU.
 The adapter is nonlinear in y, so it cannot be folded into the base weights (``merge()`` refuses).
 Hugging Face PEFT has no Houlsby adapter: files use our own keys, ``adapter_down.{weight,bias}`` and
-``adapter_up.{weight,bias}`` under ``base_model.model.<module>``.
+``adapter_up.{weight,bias}`` under ``base_model.model.<module>``. ``adapterdrop=k`` leaves the lowest
+k layers without adapters (``bottleneck.py``). The math and the mixed-batch path are shared with the
+other bottleneck adapters in ``bottleneck.py``; pfeiffer is this method with the FFN targets only.
 
 Not implemented: the optional training of the block's LayerNorms that the paper also does (combine
 with a LayerNorm-tuning adapter for that).
@@ -17,125 +19,61 @@ with a LayerNorm-tuning adapter for that).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
-from peftlab.core.config import AdapterConfig
-from peftlab.core.delta import Delta, per_row
+from peftlab.core.delta import Delta
 from peftlab.core.layers import layer_info
 from peftlab.core.registry import register_method
-from peftlab.core.targeting import is_linear, select_modules
+from peftlab.core.targeting import is_linear
+from peftlab.methods.additive.bottleneck import (  # noqa: F401  (ACTIVATIONS, bottleneck_adapter: public names)
+    ACTIVATIONS, LinearBottleneck, SequentialBottleneck, SizedBottleneckConfig, bottleneck_adapter,
+    select_adapter_modules,
+)
 
-#: Attention-output and FFN-output projections of BERT, Llama, GPT-2, T5 and ViT. BERT's FFN output
-#: ``encoder.layer.N.output.dense`` is named by a regex so that the suffix ``output.dense`` does not
-#: also mean ``attention.output.dense``: every block gets exactly one adapter per sublayer.
+#: FFN-output projections of BERT, Llama, GPT-2, T5 and ViT (BERT's ``encoder.layer.N.output.dense``
+#: is named by a regex so that the suffix ``output.dense`` does not also mean ``attention.output.dense``).
+FFN_TARGETS = [
+    r"re:(?:.*\.)?\d+\.output\.dense",  # BERT, RoBERTa (and ViT before transformers 5)
+    "down_proj",  # Llama, Mistral, Qwen
+    "mlp.fc2",  # ViT (transformers 5), CLIP, Phi
+    "mlp.c_proj",  # GPT-2
+    "DenseReluDense.wo",  # T5
+]
+#: Attention-output and FFN-output projections: every block gets exactly one adapter per sublayer.
 DEFAULT_TARGETS = [
     "attention.output.dense",  # BERT, RoBERTa (and ViT before transformers 5): attention output
-    r"re:(?:.*\.)?\d+\.output\.dense",  # BERT, RoBERTa (and ViT before transformers 5): FFN output
-    "o_proj", "down_proj",  # Llama, Mistral, Qwen; ViT's o_proj (transformers 5)
-    "mlp.fc2",  # ViT (transformers 5), CLIP, Phi
-    "attn.c_proj", "mlp.c_proj",  # GPT-2
-    "SelfAttention.o", "EncDecAttention.o", "DenseReluDense.wo",  # T5
+    "o_proj",  # Llama, Mistral, Qwen; ViT's o_proj (transformers 5)
+    "attn.c_proj",  # GPT-2
+    "SelfAttention.o", "EncDecAttention.o",  # T5
+    *FFN_TARGETS,
 ]
-
-ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 
 
 @dataclass(kw_only=True)
-class HoulsbyConfig(AdapterConfig):
-    """Bottleneck size ``r`` (if given) or ``d // reduction_factor``; activation relu | gelu | silu."""
-
-    reduction_factor: float = 16
-    r: int | None = None
-    activation: str = "relu"
-
-    def validate(self) -> None:
-        rf = self.reduction_factor
-        self._check(isinstance(rf, (int, float)) and not isinstance(rf, bool) and rf > 0, "reduction_factor",
-                    "a positive number")
-        self._check(self.r is None or (isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0),
-                    "r", "a positive int or none")
-        self._check(self.activation in ACTIVATIONS, "activation", f"one of {', '.join(ACTIVATIONS)}")
-
-    def bottleneck(self, d: int) -> int:
-        return self.r if self.r is not None else max(1, int(d // self.reduction_factor))
+class HoulsbyConfig(SizedBottleneckConfig):
+    """Bottleneck size ``r`` (if given) or ``d // reduction_factor``; activation relu | gelu | silu;
+    ``adapterdrop`` = k: no adapter in the lowest k layers."""
 
 
-def bottleneck_adapter(y: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor, w_up: torch.Tensor,
-                       b_up: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """y + W_up σ(W_down y + b_down) + b_up for y of shape (..., d)."""
-    return y + F.linear(act(F.linear(y, w_down, b_down)), w_up, b_up)
-
-
-class HoulsbyAdapter(Delta):
+class HoulsbyAdapter(SequentialBottleneck, LinearBottleneck):
     """Output site: y ← y + up(σ(down(y))), up = 0 at init."""
 
-    site = "output"
-
-    def __init__(self, base: nn.Module, cfg: HoulsbyConfig):
-        super().__init__()
+    def __init__(self, base: nn.Module, cfg: SizedBottleneckConfig):
         d = layer_info(base).out_features
-        self.r = cfg.bottleneck(d)
-        self.activation = cfg.activation
-        self.adapter_down = nn.Linear(d, self.r)
-        self.adapter_up = nn.Linear(self.r, d)
-        with torch.no_grad():
-            nn.init.kaiming_uniform_(self.adapter_down.weight, a=math.sqrt(5))
-            nn.init.zeros_(self.adapter_down.bias)
-            nn.init.zeros_(self.adapter_up.weight)
-            nn.init.zeros_(self.adapter_up.bias)
+        super().__init__(d, cfg.bottleneck(d), d, cfg.activation)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """y + W_up σ(W_down y + b_down) + b_up."""
-        assert y is not None
-        w = self.adapter_down.weight
-        out = bottleneck_adapter(y.to(w.dtype), w, self.adapter_down.bias, self.adapter_up.weight,
-                                 self.adapter_up.bias, ACTIVATIONS[self.activation])
-        return out.to(y.dtype)
 
-    @classmethod
-    def forward_routed(
-        cls, deltas: Sequence[Delta | None], slot: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None
-    ) -> torch.Tensor | None:
-        """Mixed batch as two gathered batched matmuls: row i uses the down/up weights of its slot.
-
-        Bottlenecks are zero-padded to the widest; a zero row (slot −1, or padding) adds σ(0)·0 = 0,
-        since every activation here has σ(0) = 0. Adapters with different activations are not
-        batched (the dispatcher then runs one sub-batch per adapter)."""
-        present = [d for d in deltas if d is not None]
-        if y is None or len({d.activation for d in present}) != 1:  # type: ignore[union-attr]
-            return None
-        r = max(d.r for d in present)  # type: ignore[union-attr]
-        ref = present[0].adapter_down  # type: ignore[union-attr]
-        d_model = ref.weight.shape[1]
-
-        def padded(d: HoulsbyAdapter) -> tuple[torch.Tensor, ...]:  # bottleneck zero-padded to r
-            extra = r - d.r
-            return (F.pad(d.adapter_down.weight, (0, 0, 0, extra)), F.pad(d.adapter_down.bias, (0, extra)),
-                    F.pad(d.adapter_up.weight, (0, extra)), d.adapter_up.bias)
-
-        new = ref.weight.new_zeros
-        zeros = (new(r, d_model), new(r), new(d_model, r), new(d_model))
-        parts = [padded(d) if d is not None else None for d in deltas]  # type: ignore[arg-type]
-        down_w, down_b, up_w, up_b = (per_row([q[i] if q else None for q in parts], slot, z) for i, z in enumerate(zeros))
-        yf = y.reshape(y.shape[0], -1, d_model).to(ref.weight.dtype)  # (batch, tokens, d)
-        act = ACTIVATIONS[present[0].activation]  # type: ignore[union-attr]
-        h = act(torch.baddbmm(down_b.unsqueeze(1), yf, down_w.transpose(1, 2)))  # (batch, tokens, r)
-        out = yf + torch.baddbmm(up_b.unsqueeze(1), h, up_w.transpose(1, 2))
-        return out.reshape(y.shape).to(y.dtype)
-
-    def extra_repr(self) -> str:
-        return f"activation={self.activation}"
+def build_sequential(model: nn.Module, cfg: SizedBottleneckConfig, default: list[str]) -> dict[str, Delta]:
+    """One :class:`HoulsbyAdapter` on each selected linear layer (``default`` targets unless
+    ``cfg.targets``), AdapterDrop applied."""
+    modules = select_adapter_modules(model, cfg, default=default, accept=is_linear, what="Linear or Conv1D layer")
+    return {name: HoulsbyAdapter(module, cfg) for name, module in modules.items()}
 
 
 def _build(model: nn.Module, cfg: HoulsbyConfig) -> dict[str, Delta]:
-    modules = select_modules(model, cfg, default=DEFAULT_TARGETS, accept=is_linear, what="Linear or Conv1D layer")
-    return {name: HoulsbyAdapter(module, cfg) for name, module in modules.items()}
+    return build_sequential(model, cfg, DEFAULT_TARGETS)
 
 
 register_method(
