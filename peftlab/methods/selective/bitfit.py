@@ -12,8 +12,9 @@ targeted by default (including the LayerNorms, as in the paper, and the task hea
 
 Files hold only the biases, as their *tuned* values b0 + Δb under the base model's own parameter
 names (``base_model.model.<module>.bias``: strip the prefix and the tensors load into the base model
-with ``load_state_dict(strict=False)``). Loading converts back to Δb = b_saved − b0. b0 is a snapshot
-of the base bias taken when the adapter is created, so saving while merged is still correct.
+with ``load_state_dict(strict=False)``). The trainable tensor is a copy b' of the bias and Δb = b' − b0,
+b0 a snapshot of the base bias taken when the adapter is created, so saving while merged is still
+correct (the logic shared with the other selective methods is in ``tuned.py``).
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ import torch
 from torch import nn
 
 from peftlab.core.config import AdapterConfig
-from peftlab.core.delta import Delta, per_row
+from peftlab.core.delta import Delta
 from peftlab.core.registry import Requirement, register_method
 from peftlab.core.targeting import is_linear, select_modules
+from peftlab.methods.selective.tuned import TunedDelta, gathered
 
 #: Layers whose bias is a plain additive term of the output, channel in the last dimension.
 _TRAILING = (nn.LayerNorm, nn.Linear)
@@ -59,36 +61,25 @@ def bias_delta_view(db: torch.Tensor, layout: str, ndim: int) -> torch.Tensor:
     return db.reshape(*([1] * max(0, ndim - 1 - db.dim())), *db.shape)
 
 
-class BiasDelta(Delta):
-    """Parallel site: y ← y + Δb (Δb = 0 at init), merged into the base's ``bias``."""
-
-    site = "parallel"
-    merges_into = ("bias",)
+class BiasDelta(TunedDelta):
+    """Parallel site: y ← y + Δb (Δb = 0 at init), merged into the base's ``bias`` (``tuned.py``)."""
 
     def __init__(self, base: nn.Module):
         super().__init__()
         layout = _bias_layout(base)
         assert layout is not None
         self.layout = layout
-        self.delta_bias = nn.Parameter(torch.zeros_like(base.bias, dtype=torch.float32))
-        # The base bias at creation: files store b0 + Δb, and loading subtracts b0 again.
-        self.register_buffer("bias0", base.bias.detach().clone(), persistent=False)
+        self._tune(base, ("bias",))
+
+    @property
+    def delta_bias(self) -> torch.Tensor:
+        """Δb = b' − b0."""
+        return self.delta_of("bias")
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Δb broadcast over y's shape (the hook adds it: y + Δb)."""
         assert y is not None
         return bias_delta_view(self.delta_bias, self.layout, y.dim()).to(y.dtype).expand_as(y)
-
-    def delta_params(self, base: nn.Module) -> dict[str, torch.Tensor]:
-        """Merging adds Δb to the bias: b ← b0 + Δb."""
-        return {"bias": self.delta_bias.detach()}
-
-    def file_state(self) -> dict[str, torch.Tensor]:
-        return {"bias": (self.bias0.to(self.delta_bias.dtype) + self.delta_bias).detach()}
-
-    def _load_checked(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            self.delta_bias.copy_(state["bias"].to(self.delta_bias.dtype) - self.bias0.to(self.delta_bias.dtype))
 
     @classmethod
     def forward_routed(
@@ -98,10 +89,8 @@ class BiasDelta(Delta):
         present = [d for d in deltas if d is not None]
         if not present or not all(isinstance(d, BiasDelta) for d in present):
             return None
-        ref = present[0]
-        rows = per_row([d.delta_bias if d is not None else None for d in deltas], slot,  # type: ignore[union-attr]
-                       torch.zeros_like(ref.delta_bias))  # (batch, *bias_shape)
-        view = bias_delta_view(rows[0], ref.layout, y.dim()).shape
+        rows = gathered(deltas, "bias", slot)  # (batch, *bias_shape)
+        view = bias_delta_view(rows[0], present[0].layout, y.dim()).shape
         return rows.reshape(rows.shape[0], *view).to(y.dtype)
 
 
