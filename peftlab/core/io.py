@@ -77,10 +77,18 @@ def placement_tensors(placement: list[tuple[str, Any]], cfg: AdapterConfig | Uni
     return out
 
 
+#: A delta's file key that starts with this marker is adapter-level: written without the module
+#: name or prefix (e.g. VeRA's projections, shared by every layer: ``base_model.vera_A``).
+ADAPTER_LEVEL = "/"
+
+
 def file_key(cfg: AdapterConfig | UnionConfig, part: int, module_name: str, key: str) -> str:
     """``<prefix><module>.<key>``; a union's parts are kept apart by ``parts.<i>.`` (a peftlab-only
     format). The prefix is PEFT's: ``base_model.model.`` for most methods, ``base_model.`` for the
-    prompt-learning ones, whose PEFT wrapper holds the model one level higher."""
+    prompt-learning ones, whose PEFT wrapper holds the model one level higher. An
+    :data:`ADAPTER_LEVEL` key is written as it is, without the marker (one delta of the adapter owns it)."""
+    if key.startswith(ADAPTER_LEVEL):
+        return (f"parts.{part}." if isinstance(cfg, UnionConfig) else "") + key[len(ADAPTER_LEVEL):]
     if isinstance(cfg, UnionConfig):
         return f"parts.{part}.{PREFIX}{module_name}.{key}" if module_name else f"parts.{part}.{key}"
     return f"{type(cfg).peft_module_prefix}{module_name}.{key}" if module_name else key

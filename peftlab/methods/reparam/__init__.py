@@ -2,3 +2,4 @@
 
 from peftlab.methods.reparam import lora  # noqa: F401
 from peftlab.methods.reparam import dylora  # noqa: F401
+from peftlab.methods.reparam import vera  # noqa: F401
