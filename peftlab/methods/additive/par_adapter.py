@@ -29,12 +29,13 @@ themselves, so no single module has the sublayer's input as input and the added 
 There the adapter is a pair: a parameter-free :class:`InputTap` (input site) on the first module
 keeps the sublayer's input x, and the :class:`ParallelAdapter` on the dense projection adds
 s·branch(x) to its output, before the residual and LayerNorm (ViT under transformers 4.x the same).
-The tap holds x from its module's call until the dense projection's call of the same forward, so
-one model object serves one forward at a time (as every hooked method here).
+The tap holds x from its module's call until the dense projection's call of the same forward: on
+these architectures, two threads must not run forwards of one model object at the same time.
 
-Explicit ``targets`` name the hooked modules directly (no pairs): each gets an adapter from its
-input to its output; the dimensions are the first and last linear layer inside it (a Linear target:
-its own).
+Only the outermost match is adapted (ViT 4.x's ``attention.attention`` lies inside its paired
+``attention``). Explicit ``targets`` name the hooked modules directly (no pairs): each gets an
+adapter from its input to its output; the dimensions are the first and last linear layer inside it
+(a Linear target: its own).
 """
 
 from __future__ import annotations
@@ -192,10 +193,14 @@ def _build(model: nn.Module, cfg: ParAdapterConfig) -> dict[str, Delta]:
         model, cfg, default=DIRECT[cfg.site] + [f"re:{n.replace('.', '[.]')}" for n in pairs],
         accept=lambda m: io_dims(m) is not None, what="module with a linear layer",
     )
+    taps = set(pairs.values())
+    outer = taps | {n for n in selected if n not in pairs}
     placement: dict[str, Delta] = {}
     for name, module in selected.items():
-        if name in set(pairs.values()):  # a tapped module (BERT's "attention"): its pair adapts it
+        if name in taps:  # a tapped module (BERT's "attention"): its pair adapts it
             continue
+        if name not in pairs and any(name.startswith(o + ".") for o in outer):
+            continue  # inside a hooked sublayer (ViT 4.x's attention.attention): the outermost one only
         if name in pairs:
             tap = placement[pairs[name]] = InputTap()
             d_in = io_dims(modules[pairs[name]])[0]  # type: ignore[index]
