@@ -20,8 +20,8 @@ variance of a Kaiming-uniform layer); the up layer's s = 0 and t ~ N(0, σ²) wi
 both biases 0, so W_up = 0 and the model is the base model at init.
 
 Files (our own format; PEFT has no Compacter): ``adapter_down.{s,t,bias}``, ``adapter_up.{s,t,bias}``
-under ``base_model.model.<module>``, and the shared rule once, as ``phm_rule`` under the first adapted
-module. Counts take the shared rule once.
+under ``base_model.model.<module>``, and the shared rule once, adapter-level, as ``base_model.phm_rule``
+(written by the first delta, its owner). Counts take the shared rule once.
 """
 
 from __future__ import annotations
@@ -32,11 +32,16 @@ import torch
 from torch import nn
 
 from peftlab.core.delta import Delta
+from peftlab.core.io import ADAPTER_LEVEL
 from peftlab.core.layers import layer_info
 from peftlab.core.registry import register_method
 from peftlab.core.targeting import TargetError, is_linear
 from peftlab.methods.additive.bottleneck import BottleneckConfig, SequentialBottleneck, _positive_int, select_adapter_modules
 from peftlab.methods.additive.houlsby import DEFAULT_TARGETS, FFN_TARGETS
+
+
+#: The shared rule's file key: adapter-level (``core/io.py``), saved once as ``base_model.phm_rule``.
+RULE_KEY = ADAPTER_LEVEL + "base_model.phm_rule"
 
 
 @dataclass(kw_only=True)
@@ -117,14 +122,14 @@ class CompacterAdapter(SequentialBottleneck):
         return {k: v for k, v in self.state_dict().items() if k != "phm_rule"}
 
     def file_state(self) -> dict[str, torch.Tensor]:
-        """Own factors and biases; the shared rule only in the owner's state."""
-        return {**self._own(), **({"phm_rule": self.phm_rule} if self.owner else {})}
+        """Own factors and biases; the shared rule only in the owner's state, adapter-level."""
+        return {**self._own(), **({RULE_KEY: self.phm_rule} if self.owner else {})}
 
     def _load_checked(self, state: dict[str, torch.Tensor]) -> None:
         own = dict(self.named_parameters(remove_duplicate=False))
         with torch.no_grad():
             for k, v in state.items():
-                own[k].copy_(v)
+                own["phm_rule" if k == RULE_KEY else k].copy_(v)
 
     def changed_params(self, base: nn.Module) -> int:
         """Parameters this delta adds: its own, plus the shared rule for the owner only."""
