@@ -98,16 +98,33 @@ def test_rule_gradient_collects_every_layer():
     for keep in range(len(ds)):
         rule.grad = None
         x = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(0))
-        originals = [d.phm_rule for d in ds]
+        frozen = torch.nn.Module()
+        frozen.weight = rule.detach()
         for i, d in enumerate(ds):
             if i != keep:
-                d._parameters["phm_rule"] = rule.detach()
+                d._modules["shared"] = frozen
         pm(input_ids=x).logits.pow(2).mean().backward()
-        for d, p in zip(ds, originals):
-            d._parameters["phm_rule"] = p
+        for d in ds:
+            d._modules["shared"] = ds[keep].shared
         parts.append(rule.grad.clone())
     assert all(p.abs().sum() > 0 for p in parts)
     torch.testing.assert_close(sum(parts), full, atol=1e-6, rtol=1e-5)
+
+
+def test_rule_stays_shared_when_the_base_is_cast():
+    """Each delta follows its own module's cast (core/follow.py); the rule is cast once and stays
+    one Parameter, and every delta's own factors are cast too."""
+    model = tiny_net("llama")
+    pm = peftlab.apply(model, "compacter")
+    randomize_adapter(pm, std=0.3)
+    expected = out(pm).double()
+    model.to(torch.float64)
+    got = out(pm)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    ds = list(deltas(pm).values())
+    assert len({id(d.phm_rule) for d in ds}) == 1
+    assert {p.dtype for p in pm.adapter_modules["default"].parameters()} == {torch.float64}
 
 
 def test_files_hold_the_rule_once_and_load_it_shared(tmp_path):

@@ -96,11 +96,22 @@ class PHMLayer(nn.Module):
         return phm_weight(rule, self.s, self.t)
 
 
+class SharedRule(nn.Module):
+    """The adapter's rule A (``weight``: n×n×n), one module referenced by every delta of the adapter.
+
+    A submodule registered after the delta's own layers, so that a delta's first tensor is its own
+    (``core/follow.py`` reads it to decide whether that delta still has to follow its base)."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n, n, n) / n ** 0.5)
+
+
 class CompacterAdapter(SequentialBottleneck):
     """Output site: y ← y + up(σ(down(y))) with PHM down/up weights; ``phm_rule`` is the adapter's
     shared A (the same Parameter object in every delta of the adapter)."""
 
-    def __init__(self, base: nn.Module, cfg: CompacterConfig, rule: nn.Parameter, owner: bool):
+    def __init__(self, base: nn.Module, cfg: CompacterConfig, rule: SharedRule, owner: bool):
         super().__init__()
         d = layer_info(base).out_features
         n = cfg.n
@@ -108,10 +119,15 @@ class CompacterAdapter(SequentialBottleneck):
             raise TargetError(f"{cfg.method}: n={n} must divide the hidden size {d} of {type(base).__name__}")
         self.r = cfg.bottleneck(d)
         self.activation = cfg.activation
-        self.phm_rule = rule  # shared: counted, saved and loaded once (by the owner, the first delta)
         self.owner = owner
         self.adapter_down = PHMLayer(d, self.r, n, cfg.r, zero_s=False)
         self.adapter_up = PHMLayer(self.r, d, n, cfg.r, zero_s=True)
+        self.shared = rule  # counted, saved and loaded once (by the owner, the first delta)
+
+    @property
+    def phm_rule(self) -> torch.Tensor:
+        """The shared A_i, (n, n, n)."""
+        return self.shared.weight
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         rule = self.phm_rule
@@ -119,7 +135,7 @@ class CompacterAdapter(SequentialBottleneck):
                 self.adapter_up.weight(rule), self.adapter_up.bias)
 
     def _own(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.state_dict().items() if k != "phm_rule"}
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("shared.")}
 
     def file_state(self) -> dict[str, torch.Tensor]:
         """Own factors and biases; the shared rule only in the owner's state, adapter-level."""
@@ -129,7 +145,7 @@ class CompacterAdapter(SequentialBottleneck):
         own = dict(self.named_parameters(remove_duplicate=False))
         with torch.no_grad():
             for k, v in state.items():
-                own["phm_rule" if k == RULE_KEY else k].copy_(v)
+                own["shared.weight" if k == RULE_KEY else k].copy_(v)
 
     def changed_params(self, base: nn.Module) -> int:
         """Parameters this delta adds: its own, plus the shared rule for the owner only."""
@@ -143,7 +159,7 @@ def _builder(default: list[str]):
     def build(model: nn.Module, cfg: CompacterConfig) -> dict[str, Delta]:
         modules = select_adapter_modules(model, cfg, default=default, accept=is_linear,
                                          what="Linear or Conv1D layer")
-        rule = nn.Parameter(torch.randn(cfg.n, cfg.n, cfg.n) / cfg.n ** 0.5)
+        rule = SharedRule(cfg.n)
         return {name: CompacterAdapter(module, cfg, rule, owner=i == 0) for i, (name, module) in enumerate(modules.items())}
 
     return build
