@@ -110,3 +110,19 @@ def spy_on_routed(monkeypatch, delta_cls) -> list:
 
     monkeypatch.setattr(delta_cls, "forward_routed", classmethod(spy))
     return calls
+
+
+def assert_gathered_mixed_batch(monkeypatch, delta_cls, model, a, b, names=("a", "b", None), batch=None,
+                                std: float = 0.1) -> None:
+    """Adapters "a" and "b" (configs ``a`` and ``b``) on ``model``, moved away from init differently:
+    a mixed batch routed by ``names`` equals each row's adapter run alone, and every
+    ``delta_cls.forward_routed`` call computed it itself (no one-sub-batch-per-adapter fallback)."""
+    import peftlab
+
+    calls = spy_on_routed(monkeypatch, delta_cls)
+    pm = peftlab.apply(model, a, adapter_name="a")
+    pm.add_adapter("b", b)
+    randomize_adapter(pm, "a", seed=1, std=std)
+    randomize_adapter(pm, "b", seed=2, std=std)
+    assert_mixed_batch_equals_per_adapter(pm, list(names), batch)
+    assert calls and all(calls)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import peftlab
-from conftest import assert_mixed_batch_equals_per_adapter, main_output, randomize_adapter, spy_on_routed, tiny_net
+from conftest import assert_gathered_mixed_batch, main_output, randomize_adapter, tiny_net
 from peftlab.methods.additive.compacter import CompacterAdapter, CompacterConfig, phm_weight
 
 out = main_output
@@ -164,13 +164,8 @@ def test_counts_match_formula(kind, spec, n, r, m, modules):
 
 # -- mixed batches ----------------------------------------------------------------------------------
 def test_mixed_batch_of_different_n_r_and_activation_is_one_gathered_call(monkeypatch):
-    calls = spy_on_routed(monkeypatch, CompacterAdapter)
-    pm = peftlab.apply(tiny_net("gpt2"), "compacter", adapter_name="a")
-    pm.add_adapter("b", "compacter[n=2,r=2,reduction_factor=4,activation=relu]")
-    randomize_adapter(pm, "a", seed=1, std=0.3)
-    randomize_adapter(pm, "b", seed=2, std=0.3)
-    assert_mixed_batch_equals_per_adapter(pm, ["a", "b", None])
-    assert calls and all(calls)
+    assert_gathered_mixed_batch(monkeypatch, CompacterAdapter, tiny_net("gpt2"), "compacter",
+                                "compacter[n=2,r=2,reduction_factor=4,activation=relu]", std=0.3)
 
 
 # -- config ----------------------------------------------------------------------------------------

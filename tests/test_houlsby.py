@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import peftlab
-from conftest import assert_mixed_batch_equals_per_adapter, spy_on_routed, main_output, randomize_adapter, tiny_net
+from conftest import assert_gathered_mixed_batch, main_output, randomize_adapter, tiny_net
 from peftlab.core.targeting import layer_index
 from peftlab.methods.additive.houlsby import HoulsbyAdapter, HoulsbyConfig
 
@@ -122,13 +122,8 @@ def test_save_load_same_outputs(kind, tmp_path):
 def test_mixed_batch_equals_per_adapter(kind, activation_b, monkeypatch):
     """Gathered bmm (bottlenecks 8 and 3, zero-padded), also when the activations differ (each row
     takes its own σ of the shared pre-activation)."""
-    calls = spy_on_routed(monkeypatch, HoulsbyAdapter)
-    pm = peftlab.apply(tiny_net(kind), "houlsby[reduction_factor=4]", adapter_name="a")
-    pm.add_adapter("b", HoulsbyConfig(r=3, activation=activation_b))
-    randomize(pm, "a", seed=1)
-    randomize(pm, "b", seed=2)
-    assert_mixed_batch_equals_per_adapter(pm, ["a", "b", None])
-    assert calls and all(calls)
+    assert_gathered_mixed_batch(monkeypatch, HoulsbyAdapter, tiny_net(kind), "houlsby[reduction_factor=4]",
+                                HoulsbyConfig(r=3, activation=activation_b), std=0.2)
 
 
 # -- config -------------------------------------------------------------------------------------------

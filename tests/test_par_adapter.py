@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import transformers
 
 import peftlab
-from conftest import assert_mixed_batch_equals_per_adapter, main_output, randomize_adapter, spy_on_routed, tiny_net
+from conftest import assert_gathered_mixed_batch, main_output, randomize_adapter, tiny_net
 from peftlab.methods.additive.par_adapter import InputTap, ParAdapterConfig, ParallelAdapter, parallel_adapter
 
 out = main_output
@@ -176,13 +176,9 @@ def test_counts_match_formula(kind, site, modules, size, m):
 # -- mixed batches and files -------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["bert", "llama"])
 def test_mixed_batch_through_the_pair_is_gathered(kind, monkeypatch):
-    calls = spy_on_routed(monkeypatch, ParallelAdapter)
-    pm = peftlab.apply(tiny_net(kind), "par_adapter", adapter_name="a")
-    pm.add_adapter("b", ParAdapterConfig(r=3, scale=1.5, activation="silu"))
-    randomize_adapter(pm, "a", seed=1)
-    randomize_adapter(pm, "b", seed=2)
-    assert_mixed_batch_equals_per_adapter(pm, ["a", "b", None, "a"], batch={"input_ids": torch.randint(3, 128, (4, 7))})
-    assert calls and all(calls)
+    assert_gathered_mixed_batch(monkeypatch, ParallelAdapter, tiny_net(kind), "par_adapter",
+                                ParAdapterConfig(r=3, scale=1.5, activation="silu"), names=["a", "b", None, "a"],
+                                batch={"input_ids": torch.randint(3, 128, (4, 7))})
 
 
 def test_files_use_adapter_down_up_keys(tmp_path):
@@ -207,5 +203,3 @@ def test_config_errors():
         ParAdapterConfig(site="output")
     with pytest.raises(peftlab.ConfigError, match="scale"):
         ParAdapterConfig(scale=0)
-    with pytest.raises(peftlab.TargetError, match="nope"):
-        peftlab.apply(tiny_net("gpt2"), "par_adapter[targets=nope]")

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import transformers
 
 import peftlab
-from conftest import assert_mixed_batch_equals_per_adapter, randomize_adapter, spy_on_routed, tiny_net
+from conftest import assert_gathered_mixed_batch, randomize_adapter, tiny_net
 from peftlab.core.targeting import layer_index
 from peftlab.methods.additive.houlsby import HoulsbyAdapter
 from peftlab.methods.additive.pfeiffer import PfeifferConfig
@@ -67,13 +67,8 @@ def test_file_keys():
 
 
 def test_mixed_batch_with_houlsby_is_one_gathered_call(monkeypatch):
-    calls = spy_on_routed(monkeypatch, HoulsbyAdapter)
-    pm = peftlab.apply(tiny_net("gpt2"), "pfeiffer", adapter_name="p")
-    pm.add_adapter("h", "houlsby[r=3,activation=silu]")
-    randomize_adapter(pm, "p", seed=1, std=0.2)
-    randomize_adapter(pm, "h", seed=2, std=0.2)
-    assert_mixed_batch_equals_per_adapter(pm, ["p", "h", None])
-    assert calls and all(calls)
+    assert_gathered_mixed_batch(monkeypatch, HoulsbyAdapter, tiny_net("gpt2"), "pfeiffer",
+                                "houlsby[r=3,activation=silu]", std=0.2)
 
 
 def test_config():
