@@ -4,3 +4,4 @@ from peftlab.methods.reparam import lora  # noqa: F401
 from peftlab.methods.reparam import dylora  # noqa: F401
 from peftlab.methods.reparam import vera  # noqa: F401
 from peftlab.methods.reparam import fourierft  # noqa: F401
+from peftlab.methods.reparam import adalora  # noqa: F401
