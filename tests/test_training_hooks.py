@@ -120,3 +120,17 @@ def test_wrong_values_name_the_field():
     _, pm, _ = _dylora()
     with pytest.raises(ValueError, match=r"\[1, r=8\]"):
         set_eval_rank(pm, "default", 9)
+
+
+def test_trainer_tells_schedules_the_run_length():
+    """AdaLoRA without total_step takes the trainer's planned step count (begin_training), and its
+    budget reaches target_r per module by the end."""
+    model = tiny_model("llama", task="causal-lm")
+    pm = peftlab.apply(model, "adalora[init_r=6,target_r=2,tinit=1,tfinal=2,deltaT=1,targets=q_proj|v_proj]")
+    assert pm.configs["default"].total_step is None
+    batch = tiny_batch(model, batch=4, seq=8)
+    batch["labels"] = batch["input_ids"]
+    Trainer(pm, [batch] * 8, max_steps=8, lr=1e-2, progress=False, warmup_ratio=0.0).train()
+    assert pm.configs["default"].total_step == 8
+    ranks = pm.report()["ranks"]
+    assert len(ranks) == 4 and sum(ranks.values()) == 2 * 4

@@ -535,6 +535,13 @@ class PeftModel(nn.Module):
         """Whether an active adapter's method wants :meth:`calibrate` before training."""
         return any(h.needs_calibration for n in self._state.active for h in self._training.get(n, ()))
 
+    def begin_training(self, total_steps: int | None = None) -> None:
+        """Tell the active adapters' methods that training starts and how many optimizer steps it
+        plans (AdaLoRA's budget schedule uses it when its config leaves ``total_step`` unset)."""
+        for name in self._state.active:
+            for h in self._training.get(name, ()):
+                h.begin(total_steps)
+
     def regularizer(self) -> torch.Tensor:
         """Σ of the loss terms the active adapters' methods add (AdaLoRA's orthogonality penalty,
         ...): a 0-dim tensor, 0 when none adds one. Add it to the task loss before ``backward``."""

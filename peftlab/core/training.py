@@ -12,7 +12,8 @@ part of a union) from the config and the deltas it placed, and exposes them as
     pm.on_step()                            # before zero_grad: hooks may read the gradients
     optimizer.zero_grad()
 
-with ``pm.calibrate(batches)`` once before training when ``pm.needs_calibration``. ``peftlab train``
+with ``pm.begin_training(total_steps)`` once before the first step (schedules that need the run's
+length read it) and ``pm.calibrate(batches)`` once before training when ``pm.needs_calibration``. ``peftlab train``
 (``peftlab.train.trainer.Trainer``) does exactly this; a user's own loop does the same. No method
 gets special code in a trainer.
 """
@@ -37,6 +38,10 @@ class TrainingHooks:
     def __init__(self, config: Any, deltas: dict[str, nn.Module]):
         self.config = config
         self.deltas = deltas
+
+    def begin(self, total_steps: int | None) -> None:
+        """Called once before the first step with the run's planned number of optimizer steps
+        (None: unknown), for schedules that need it (AdaLoRA's rank budget)."""
 
     def regularizer(self) -> torch.Tensor | None:
         """A term added to the training loss (None: nothing this step)."""

@@ -253,6 +253,8 @@ class Trainer:
         bar = tqdm(total=self.total_steps, desc="train", unit="step", disable=not self.progress,
                    dynamic_ncols=True)
         groups = self._accumulation_groups()
+        if self.peft is not None:
+            self.peft.begin_training(self.total_steps)
         if self.peft is not None and self.peft.needs_calibration:
             sample = [to_device(b, self.device) for _, b in zip(range(self.calibration_batches), self.train_loader)]
             self.peft.calibrate(sample)

@@ -310,6 +310,17 @@ class AdaLoraTraining(TrainingHooks):
         self.ema: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.last_budget = self.init_bgt
 
+    def begin(self, total_steps: int | None) -> None:
+        """A config without ``total_step`` takes the run's planned number of steps (validated as if
+        it had been given)."""
+        if self.config.total_step is None and total_steps is not None:
+            self.config.total_step = int(total_steps)
+            try:
+                self.config.validate()
+            except ConfigError:
+                self.config.total_step = None
+                raise
+
     def regularizer(self) -> torch.Tensor | None:
         """γ · Σ (‖PᵀP − I‖²_F + ‖QQᵀ − I‖²_F) (``orth_reg=paper``) or γ · mean of the unsquared
         norms over every P and Q (``orth_reg=peft``)."""
