@@ -331,3 +331,8 @@ def model_dtype(model: nn.Module, ref: torch.Tensor) -> torch.dtype:
 def accepts_argument(model: nn.Module, name: str) -> bool:
     """Whether ``model.forward`` takes an argument called ``name``."""
     return name in inspect.signature(model.forward).parameters
+
+
+def accepts_inputs_embeds(model: nn.Module) -> bool:
+    """Whether ``model.forward``, or its backbone's (``base_model``), takes ``inputs_embeds``."""
+    return any(accepts_argument(m, "inputs_embeds") for m in dict.fromkeys((model, getattr(model, "base_model", model))))
