@@ -239,6 +239,16 @@ def test_counts_match_formula():
     assert rep["trainable_params"] == 4 * (2 * 8 * 16) + 2 * (32 + 16) and rep["changed_params"] == changed
 
 
+@pytest.mark.parametrize("spec", ["oft[block_size=8]", "boft[block_size=4,n_butterfly_factor=2]"])
+def test_rank_of_delta_w_is_the_declared_bound(spec):
+    model = tiny_net("llama")
+    pm = peftlab.apply(model, spec)
+    randomize_adapter(pm, std=0.1)
+    for _, name, d in pm.placements["default"]:
+        dw = d.delta_params(model.get_submodule(name))["weight"]
+        assert torch.linalg.matrix_rank(dw).item() == d.rank() == min(dw.shape), name  # even blocks: R − I invertible
+
+
 # -- mixed batches -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("spec_a,spec_b,cls,batched", [
     ("oft[block_size=8]", "oft[block_size=8,neumann=true]", OftLinear, True),

@@ -35,13 +35,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab.core.config import AdapterConfig, ConfigError
-from peftlab.core.delta import Delta
+from peftlab.core.delta import Delta, per_row
 from peftlab.core.layers import layer_info, to_module_layout, weight_out_in
 from peftlab.core.registry import PeftFormat, register_method
 from peftlab.core.targeting import is_linear, select_modules
 from peftlab.methods.reparam.lora.config import DEFAULT_TARGETS
 from peftlab.methods.reparam.lora.functional import without_bias
-from peftlab.methods.reparam.orthogonal import butterfly_perms, butterfly_rotate, cayley, identity_dropout, skew_from_square
+from peftlab.methods.reparam.orthogonal import (
+    butterfly_perms, butterfly_rotate, cayley, identity_blocks, identity_dropout, skew_from_square,
+)
 from peftlab.methods.reparam.peft_fields import peft_config_dict, refuse_unsupported, targeting_from_peft
 
 
@@ -189,13 +191,10 @@ class BoftLinear(Delta):
         if len({tuple(d.boft_R.shape) for d in present}) > 1 or any(d.training and d.p > 0 for d in present):
             return None
         first = present[0]
-        rots = {id(d): d.rotation_blocks() for d in present}
-        ref = rots[id(first)]
-        eye = torch.eye(first.block_size, device=ref.device, dtype=ref.dtype).expand_as(ref)
-        ones = ref.new_ones(first.out_features)
-        index = slot + 1
-        r_rows = torch.stack([eye] + [rots[id(d)] if d is not None else eye for d in deltas]).index_select(0, index)
-        s_rows = torch.stack([ones] + [d.boft_s if d is not None else ones for d in deltas]).index_select(0, index)
+        rots = [d.rotation_blocks() if d is not None else None for d in deltas]
+        ref = next(r for r in rots if r is not None)
+        r_rows = per_row(rots, slot, identity_blocks(ref))
+        s_rows = per_row([d.boft_s if d is not None else None for d in deltas], slot, ref.new_ones(first.out_features))
         xf = x.reshape(x.shape[0], -1, x.shape[-1]).to(ref.dtype)
         moved = butterfly_rotate(xf, r_rows, first.perms(), per_row=True) - xf
         w = weight_out_in(first.base_layer).to(ref.dtype)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftlab.core.delta import Delta
+from peftlab.core.delta import Delta, per_row
 from peftlab.core.registry import PeftFormat, register_method
 from peftlab.core.targeting import is_linear, select_modules
 from peftlab.methods.reparam.lora.config import DEFAULT_TARGETS
@@ -104,22 +104,17 @@ class LohaLinear(LycorisDelta):
             return None
         ref = present[0].hada_w1_a
         xf = x.reshape(x.shape[0], -1, x.shape[-1]).to(ref.dtype)  # (batch, tokens, in)
-        index = slot + 1
         if all(d.factored for d in present):
             k = max(d.r for d in present) ** 2
-            us, vs = [ref.new_zeros(ref.shape[0], k)], [ref.new_zeros(k, xf.shape[-1])]
-            for d in deltas:
-                if d is None:
-                    us.append(us[0]), vs.append(vs[0])
-                    continue
-                u, v = hadamard_factors(*d._weights())
-                us.append(F.pad(u * d.scaling, (0, k - u.shape[1])))
-                vs.append(F.pad(v, (0, 0, 0, k - v.shape[0])))
-            u_rows, v_rows = torch.stack(us).index_select(0, index), torch.stack(vs).index_select(0, index)
+            uv = [hadamard_factors(*d._weights()) if d is not None else None for d in deltas]
+            u_rows = per_row([F.pad(f[0] * d.scaling, (0, k - f[0].shape[1])) if f else None for f, d in zip(uv, deltas)],
+                             slot, ref.new_zeros(ref.shape[0], k))
+            v_rows = per_row([F.pad(f[1], (0, 0, 0, k - f[1].shape[0])) if f else None for f in uv],
+                             slot, ref.new_zeros(k, xf.shape[-1]))
             out = torch.bmm(torch.bmm(xf, v_rows.transpose(1, 2)), u_rows.transpose(1, 2))
         else:
-            zero = ref.new_zeros(ref.shape[0], xf.shape[-1])
-            w = torch.stack([zero] + [d.delta_out_in() if d is not None else zero for d in deltas]).index_select(0, index)
+            w = per_row([d.delta_out_in() if d is not None else None for d in deltas], slot,
+                        ref.new_zeros(ref.shape[0], xf.shape[-1]))
             out = torch.bmm(xf, w.transpose(1, 2))
         return out.reshape(*x.shape[:-1], out.shape[-1]).to(y.dtype)
 

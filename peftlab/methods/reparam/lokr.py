@@ -26,7 +26,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from peftlab.core.delta import Delta
+from peftlab.core.delta import Delta, per_row
 from peftlab.core.registry import PeftFormat, register_method
 from peftlab.core.targeting import is_linear, select_modules
 from peftlab.methods.reparam.lora.config import DEFAULT_TARGETS
@@ -158,14 +158,9 @@ class LokrLinear(LycorisDelta):
             return None
         a, b, c, d_ = present[0].shapes
         ref = next(iter(present[0].parameters()))
-        z1, z2 = ref.new_zeros(a, c), ref.new_zeros(b, d_)
-        w1s, w2s = [z1], [z2]
-        for dl in deltas:
-            w1, w2 = dl.factors() if dl is not None else (z1, z2)
-            w1s.append(w1 * (dl.scaling if dl is not None else 0.0))
-            w2s.append(w2)
-        index = slot + 1
-        w1_rows, w2_rows = torch.stack(w1s).index_select(0, index), torch.stack(w2s).index_select(0, index)
+        pairs = [dl.factors() if dl is not None else None for dl in deltas]
+        w1_rows = per_row([p[0] * dl.scaling if p else None for p, dl in zip(pairs, deltas)], slot, ref.new_zeros(a, c))
+        w2_rows = per_row([p[1] if p else None for p in pairs], slot, ref.new_zeros(b, d_))
         xm = x.reshape(x.shape[0], -1, c, d_).to(ref.dtype)
         out = torch.einsum("nac,ntcd,nbd->ntab", w1_rows, xm, w2_rows)
         return out.reshape(*x.shape[:-1], a * b).to(y.dtype)

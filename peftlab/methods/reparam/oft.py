@@ -30,12 +30,14 @@ import torch
 from torch import nn
 
 from peftlab.core.config import AdapterConfig
-from peftlab.core.delta import Delta
+from peftlab.core.delta import Delta, per_row
 from peftlab.core.layers import layer_info, to_module_layout, weight_out_in
 from peftlab.core.registry import PeftFormat, register_method
 from peftlab.core.targeting import is_linear, select_modules
 from peftlab.methods.reparam.lora.config import DEFAULT_TARGETS
-from peftlab.methods.reparam.orthogonal import cayley, cayley_neumann, oft_blocks, rotate_blocks, skew_from_upper
+from peftlab.methods.reparam.orthogonal import (
+    cayley, cayley_neumann, identity_blocks, oft_blocks, rotate_blocks, skew_from_upper,
+)
 from peftlab.methods.reparam.peft_fields import peft_config_dict, refuse_unsupported, targeting_from_peft
 
 
@@ -135,11 +137,8 @@ class OftLinear(Delta):
         present = [d for d in deltas if d is not None]
         if len({(d.blocks, d.block_size) for d in present}) > 1:
             return None
-        rots = {id(d): d.rotation() for d in present}
-        eye = torch.eye(present[0].block_size, device=x.device, dtype=next(iter(rots.values())).dtype)
-        eye = eye.expand(present[0].blocks, -1, -1)
-        stack = torch.stack([eye] + [rots[id(d)] if d is not None else eye for d in deltas])
-        rows = stack.index_select(0, slot + 1)
+        rots = [d.rotation() if d is not None else None for d in deltas]
+        rows = per_row(rots, slot, identity_blocks(next(r for r in rots if r is not None)))
         return rotate_blocks(x.to(rows.dtype), rows, per_row=True).to(x.dtype)
 
 

@@ -73,6 +73,11 @@ def rotate_blocks(x: torch.Tensor, blocks: torch.Tensor, per_row: bool = False) 
     return out.reshape(x.shape)
 
 
+def identity_blocks(like: torch.Tensor) -> torch.Tensor:
+    """Identity blocks shaped as ``like`` (..., b, b): the rotation of rows without an adapter."""
+    return torch.eye(like.shape[-1], device=like.device, dtype=like.dtype).expand_as(like)
+
+
 def block_diagonal(blocks: torch.Tensor) -> torch.Tensor:
     """The dense block-diagonal matrix BD(R) of blocks (D, b, b)."""
     return torch.block_diag(*blocks.unbind(0))
