@@ -28,6 +28,11 @@ class Delta(nn.Module):
     merges_into: ClassVar[tuple[str, ...]] = ()
     #: True when ΔW is a function of W0 (DoRA, (IA)^3): unmerge then subtracts the ΔW kept at merge.
     merge_uses_base: ClassVar[bool] = False
+    #: Output sites: True when ``forward`` also takes ``call=`` (and ``forward_routed`` a fifth
+    #: argument ``call``): the keyword arguments the hooked module was called with (e.g. the rotary
+    #: ``position_embeddings`` a Llama self-attention receives: LLaMA-Adapter). For a sub-batch,
+    #: tensors whose first dimension is the batch are given the sub-batch's rows.
+    reads_call: ClassVar[bool] = False
 
     @property
     def mergeable(self) -> bool:

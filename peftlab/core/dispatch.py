@@ -175,7 +175,7 @@ class Dispatcher:
                 else:
                     new_y = y + total
             for d in active["output"]:
-                new_y = d(x, new_y)
+                new_y = d(x, new_y, call=kwargs) if d.reads_call else d(x, new_y)
         if new_y is None:
             return None
         return (new_y, *output[1:]) if isinstance(output, tuple) else new_y
@@ -196,7 +196,7 @@ class Dispatcher:
         if any(par):
             new_y = y + _routed_parallel(par, slot, x, y)
         if any(out):
-            new_y = _routed_sequential(out, slot, x, new_y, input_site=False)
+            new_y = _routed_sequential(out, slot, x, new_y, input_site=False, call=kwargs)
         return new_y
 
 
@@ -220,18 +220,31 @@ def _routed_parallel(slots: list[list[Delta]], slot: torch.Tensor, x: torch.Tens
     return total
 
 
+def _call_rows(call: dict, rows: torch.Tensor, batch: int) -> dict:
+    """A module call's keyword arguments for a sub-batch: tensors (also inside tuples) whose first
+    dimension is the batch keep only ``rows``; everything else is passed as it is."""
+    def pick(v: Any) -> Any:
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch:
+            return v.index_select(0, rows)
+        return tuple(pick(t) for t in v) if isinstance(v, tuple) else v
+
+    return {k: pick(v) for k, v in call.items()}
+
+
 def _routed_sequential(
-    slots: list[list[Delta]], slot: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None, input_site: bool
+    slots: list[list[Delta]], slot: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None, input_site: bool,
+    call: dict | None = None,
 ) -> torch.Tensor:
     """Each row through its own input- or output-site deltas: batched when the delta class allows,
-    else one sub-batch per adapter."""
+    else one sub-batch per adapter (``call``: the module's keyword arguments, for deltas that read them)."""
     target = x if input_site else y
     assert target is not None
     singles = [s[0] if s else None for s in slots]
     present = [d for d in singles if d is not None]
     batched = getattr(type(present[0]), "forward_routed", None) if present else None
     if batched and all(len(s) <= 1 for s in slots) and all(type(d) is type(present[0]) for d in present):
-        fast = batched(singles, slot, x, None if input_site else y)
+        extra = (call,) if getattr(present[0], "reads_call", False) else ()  # forward_routed(..., call)
+        fast = batched(singles, slot, x, None if input_site else y, *extra)
         if fast is not None:
             return fast
     result = target
@@ -241,7 +254,9 @@ def _routed_sequential(
             continue
         part = target.index_select(0, rows)
         xs = x.index_select(0, rows)
-        for d in deltas:
-            part = d(part) if input_site else d(xs, part)
+        reads = [getattr(d, "reads_call", False) for d in deltas]
+        sub = _call_rows(call or {}, rows, slot.shape[0]) if any(reads) else None
+        for d, r in zip(deltas, reads):
+            part = d(part) if input_site else d(xs, part, call=sub) if r else d(xs, part)
         result = result.index_copy(0, rows, part)
     return result

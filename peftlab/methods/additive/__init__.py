@@ -5,3 +5,4 @@ from peftlab.methods.additive import compacter, par_adapter, pfeiffer  # noqa: F
 from peftlab.methods.additive import prompt  # noqa: F401
 from peftlab.methods.additive import ptuning  # noqa: F401
 from peftlab.methods.additive import ptuning_v2  # noqa: F401
+from peftlab.methods.additive import llama_adapter  # noqa: F401
