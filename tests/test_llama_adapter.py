@@ -22,7 +22,9 @@ from peftlab.core.config import ConfigError
 from peftlab.methods.additive.llama_adapter import LlamaAdapterConfig, gated_prompt_attention, rotate
 
 from conftest import one_thread
-from test_prefix import TOL, assert_same_run, generate, greedy_loop, ids_and_mask, llama
+from test_prefix import (
+    TOL, assert_same_run, checkpointing_gradient_change, generate, greedy_loop, ids_and_mask, llama, lm_losses,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
@@ -143,17 +145,7 @@ def test_counts_and_top_layers(method, placed, trainable):
 
 def test_loss_falls():
     """From the zero gate, on a random tiny LM (the generic tiny-teacher test uses the default lr)."""
-    pm = peftlab.apply(llama(), "llama_adapter[length=4]")
-    ids, mask = ids_and_mask(batch=4, seq=10)
-    labels = ids.masked_fill(mask == 0, -100)
-    opt = torch.optim.AdamW(peftlab.param_groups(pm, lr=5e-2))
-    losses = []
-    for _ in range(30):
-        loss = pm(input_ids=ids, attention_mask=mask, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = lm_losses(peftlab.apply(llama(), "llama_adapter[length=4]"), 5e-2)
     assert losses[-1] < 0.8 * losses[0], losses
 
 
@@ -204,17 +196,9 @@ def test_per_row_prompts_of_different_lengths():
 
 
 def test_gradient_checkpointing_gives_the_same_gradient():
+    """The checkpointed layers run again in backward: the hooks get the same keyword arguments."""
     pm = trained(peftlab.apply(llama(), "llama_adapter[length=3]"))
-    ids, mask = ids_and_mask()
-    pm.train()
-    pm(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
-    params = list(pm.adapter_modules["default"].parameters())
-    reference = [p.grad.clone() for p in params]
-    for p in params:
-        p.grad = None
-    pm.gradient_checkpointing_enable()
-    pm(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
-    assert max((p.grad - r).abs().max().item() for p, r in zip(params, reference)) <= 1e-6
+    assert checkpointing_gradient_change(pm, list(pm.adapter_modules["default"].parameters())) <= 1e-6
 
 
 # -- Hugging Face PEFT interoperability -------------------------------------------------------------

@@ -243,43 +243,61 @@ def test_merge_is_refused_and_changes_nothing():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_gradients_reach_only_the_prefix_and_loss_falls():
-    model = llama()
-    pm = peftlab.apply(model, "prefix[length=8]")
+def lm_losses(pm, lr: float, steps: int = 30, reaches=None) -> list[float]:
+    """Losses of ``steps`` AdamW steps on one fixed padded batch of a causal LM (shared by the
+    model-level methods' tests); with ``reaches`` (a parameter), the first backward pass is checked
+    to give it a gradient and the base model none."""
     ids, mask = ids_and_mask(batch=4, seq=10)
     labels = ids.masked_fill(mask == 0, -100)
-    opt = torch.optim.AdamW(peftlab.param_groups(pm, lr=3e-2))
+    opt = torch.optim.AdamW(peftlab.param_groups(pm, lr=lr))
     losses = []
-    for step in range(30):
+    for step in range(steps):
         loss = pm(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad()
         loss.backward()
-        if step == 0:
-            assert delta(pm).prompt_embeddings.grad.abs().sum() > 0
-            assert all(p.grad is None for p in model.parameters())
+        if step == 0 and reaches is not None:
+            assert reaches.grad.abs().sum() > 0
+            assert all(p.grad is None for p in pm.model.parameters())
         opt.step()
         losses.append(loss.item())
+    return losses
+
+
+def test_gradients_reach_only_the_prefix_and_loss_falls():
+    pm = peftlab.apply(llama(), "prefix[length=8]")
+    losses = lm_losses(pm, 3e-2, reaches=delta(pm).prompt_embeddings)
     assert losses[-1] < 0.8 * losses[0], losses
 
 
 # -- decoder-only: padding and generation ------------------------------------------------------------
-@pytest.mark.parametrize("make", [llama, gpt2])
-@pytest.mark.parametrize("side", ["left", "right"])
-def test_padded_row_equals_row_alone(make, side):
-    pm = peftlab.apply(make(), "prefix[length=5]")
+def assert_padded_row_equals_row_alone(pm, side: str):
+    """The padded row of a batch padded on ``side`` equals the row alone at its real positions; returns the batch."""
     ids, mask = ids_and_mask(side=side)
     real = mask[-1].bool()
     with torch.no_grad():
         batch = pm(input_ids=ids, attention_mask=mask).logits
         alone = pm(input_ids=ids[-1:, real]).logits
     assert (batch[-1, real] - alone[0]).abs().max() <= TOL
+    return ids, mask
+
+
+@pytest.mark.parametrize("make", [llama, gpt2])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_row_equals_row_alone(make, side):
+    pm = peftlab.apply(make(), "prefix[length=5]")
+    ids, mask = assert_padded_row_equals_row_alone(pm, side)
     labels = ids.masked_fill(mask == 0, -100)
     assert torch.isfinite(pm(input_ids=ids, attention_mask=mask, labels=labels).loss)
 
 
 @pytest.mark.parametrize("make", [llama, gpt2])
 def test_generate_with_cache_equals_no_cache_loop(make):
-    pm = peftlab.apply(make(), "prefix[length=5]")
+    assert_generate_equals_no_cache_loop(peftlab.apply(make(), "prefix[length=5]"))
+
+
+def assert_generate_equals_no_cache_loop(pm):
+    """generate() (one row, a padded batch, inputs_embeds) equals the greedy loop without a cache;
+    beams and several returned sequences give the expected shape; returns the batch's run."""
     ids, mask = ids_and_mask()
     with torch.no_grad():
         single = generate(pm, input_ids=ids[:1], max_new_tokens=6)
@@ -292,6 +310,7 @@ def test_generate_with_cache_equals_no_cache_loop(make):
         beams = pm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, num_beams=3,
                             num_return_sequences=2, do_sample=False)
         assert beams.shape == (4, ids.shape[1] + 3)
+    return batch
 
 
 def test_cache_continuation_and_stacked_prefixes():
@@ -369,17 +388,25 @@ def test_per_row_adapters_through_the_container():
     assert (mixed[1] - base[1]).abs().max() <= TOL
 
 
-def test_gradient_checkpointing():
-    """transformers drops caches in checkpointed layers; a read-only prefix cache is let through."""
-    pm = peftlab.apply(llama(), "prefix[length=3]")
+def checkpointing_gradient_change(pm, params) -> float:
+    """max |gradient with activation checkpointing − without| over ``params``, one LM loss on a fixed
+    batch each (shared by the model-level methods' tests)."""
     ids, mask = ids_and_mask()
     pm.train()
     pm(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
-    reference = delta(pm).prompt_embeddings.grad.clone()
-    delta(pm).prompt_embeddings.grad = None
+    reference = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
     pm.gradient_checkpointing_enable()
     pm(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
-    assert (delta(pm).prompt_embeddings.grad - reference).abs().max() <= 1e-7
+    return max((p.grad - r).abs().max().item() for p, r in zip(params, reference))
+
+
+def test_gradient_checkpointing():
+    """transformers drops caches in checkpointed layers; a read-only prefix cache is let through."""
+    pm = peftlab.apply(llama(), "prefix[length=3]")
+    ids, _ = ids_and_mask()
+    assert checkpointing_gradient_change(pm, [delta(pm).prompt_embeddings]) <= 1e-7
     assert not pm.model._forward_hooks and not pm.model._forward_pre_hooks
     assert not any("_can_checkpoint_with_cache" in m.__dict__ for m in pm.model.modules())
     other = peftlab.apply(gpt2(), "prefix[length=3]")
@@ -404,9 +431,10 @@ def test_tokens_init_is_the_models_own_keys_and_values():
 
 
 # -- encoder-decoder ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("encoder", [False, True])
-def test_t5_forward_labels_padding_and_generate(encoder):
-    pm = peftlab.apply(t5(), PrefixConfig(length=4, encoder=encoder))
+def t5_padded_row_generate_and_backward(pm):
+    """On T5 (right padding): the padded row equals the row alone, the adapter acts, generate() equals
+    the decoding loop without a cache; then one backward pass of the loss (shared by model-level
+    methods' tests)."""
     ids, mask = ids_and_mask(side="right")
     dec = ids[:, :4].clone()
     with torch.no_grad():
@@ -417,8 +445,13 @@ def test_t5_forward_labels_padding_and_generate(encoder):
             assert not torch.allclose(pm(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits, out)
         assert_same_run(generate(pm, input_ids=ids, attention_mask=mask, max_new_tokens=5),
                         seq2seq_loop(pm, ids, mask, 5))
-    loss = pm(input_ids=ids, attention_mask=mask, labels=dec).loss
-    loss.backward()
+    pm(input_ids=ids, attention_mask=mask, labels=dec).loss.backward()
+
+
+@pytest.mark.parametrize("encoder", [False, True])
+def test_t5_forward_labels_padding_and_generate(encoder):
+    pm = peftlab.apply(t5(), PrefixConfig(length=4, encoder=encoder))
+    t5_padded_row_generate_and_backward(pm)
     assert delta(pm).prompt_embeddings.grad.abs().sum() > 0
     if encoder:
         assert delta(pm).encoder_prompt_embeddings.grad.abs().sum() > 0

@@ -27,8 +27,9 @@ from peftlab.methods.additive.ptuning_v2 import PTuningV2Config
 
 from conftest import one_thread
 from test_prefix import (
-    PEFT_BROKEN, PEFT_MISSES_CACHE_RENAME, TOL, assert_same_run, bert_cls, generate, gpt2, greedy_loop, ids_and_mask,
-    llama, seq2seq_loop, t5,
+    PEFT_BROKEN, PEFT_MISSES_CACHE_RENAME, TOL, assert_generate_equals_no_cache_loop, assert_padded_row_equals_row_alone,
+    assert_same_run, bert_cls, checkpointing_gradient_change, generate, gpt2, ids_and_mask, llama, lm_losses,
+    t5, t5_padded_row_generate_and_backward,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -214,21 +215,8 @@ def _tiny_tokenizer(path):
 
 
 def test_loss_falls_and_only_the_prompt_gets_gradients():
-    model = llama()
-    pm = peftlab.apply(model, "prompt[length=8]")
-    ids, mask = ids_and_mask(batch=4, seq=10)
-    labels = ids.masked_fill(mask == 0, -100)
-    opt = torch.optim.AdamW(peftlab.param_groups(pm, lr=1e-2))
-    losses = []
-    for step in range(30):
-        loss = pm(input_ids=ids, attention_mask=mask, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        if step == 0:
-            assert delta(pm).prompt_embeddings.grad.abs().sum() > 0
-            assert all(p.grad is None for p in model.parameters())
-        opt.step()
-        losses.append(loss.item())
+    pm = peftlab.apply(llama(), "prompt[length=8]")
+    losses = lm_losses(pm, 1e-2, reaches=delta(pm).prompt_embeddings)
     assert losses[-1] < 0.8 * losses[0], losses
 
 
@@ -236,13 +224,7 @@ def test_loss_falls_and_only_the_prompt_gets_gradients():
 @pytest.mark.parametrize("make", [llama, gpt2])
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padded_row_equals_row_alone(make, side):
-    pm = moved(peftlab.apply(make(), "prompt[length=5]"))
-    ids, mask = ids_and_mask(side=side)
-    real = mask[-1].bool()
-    with torch.no_grad():
-        batch = pm(input_ids=ids, attention_mask=mask).logits
-        alone = pm(input_ids=ids[-1:, real]).logits
-    assert (batch[-1, real] - alone[0]).abs().max() <= TOL
+    assert_padded_row_equals_row_alone(moved(peftlab.apply(make(), "prompt[length=5]")), side)
 
 
 def test_outputs_line_up_with_the_callers_tokens():
@@ -264,16 +246,8 @@ def test_outputs_line_up_with_the_callers_tokens():
 def test_generate_equals_greedy_loop(make, method):
     pm = moved(peftlab.apply(make(), method), std=0.1)
     ids, mask = ids_and_mask()
+    batch = assert_generate_equals_no_cache_loop(pm)
     with torch.no_grad():
-        single = generate(pm, input_ids=ids[:1], max_new_tokens=6)
-        assert_same_run(single, greedy_loop(pm, ids[:1], torch.ones_like(ids[:1]), 6))
-        batch = generate(pm, input_ids=ids, attention_mask=mask, max_new_tokens=6)
-        assert_same_run(batch, greedy_loop(pm, ids, mask, 6))
-        embeds = pm.model.get_input_embeddings()(ids[:1])
-        assert_same_run(generate(pm, inputs_embeds=embeds, max_new_tokens=6), (single[0][:, ids.shape[1]:], single[1]))
-        beams = pm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, num_beams=3,
-                            num_return_sequences=2, do_sample=False)
-        assert beams.shape == (4, ids.shape[1] + 3)
         with pm.disable_adapters():
             assert not torch.equal(pm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False),
                                    batch[0])
@@ -282,14 +256,7 @@ def test_generate_equals_greedy_loop(make, method):
 
 def test_t5_prompt_in_the_encoder_and_generate():
     pm = moved(peftlab.apply(t5(), "prompt[length=4]"))
-    ids, mask = ids_and_mask(side="right")
-    dec = ids[:, :4].clone()
-    with torch.no_grad():
-        out = pm(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
-        alone = pm(input_ids=ids[-1:, :5], decoder_input_ids=dec[-1:]).logits
-        assert (out[-1] - alone[0]).abs().max() <= TOL
-        assert_same_run(generate(pm, input_ids=ids, attention_mask=mask, max_new_tokens=5), seq2seq_loop(pm, ids, mask, 5))
-    pm(input_ids=ids, attention_mask=mask, labels=dec).loss.backward()
+    t5_padded_row_generate_and_backward(pm)
     assert delta(pm).prompt_embeddings.grad[:4].abs().sum() > 0
     assert delta(pm).prompt_embeddings.grad[4:].abs().sum() == 0  # PEFT's second half is never read
 
@@ -353,14 +320,7 @@ def test_stacked_prompts_are_prepended_in_activation_order():
 # -- gradient checkpointing -----------------------------------------------------------------------------
 def test_gradient_checkpointing_gives_the_same_gradient():
     pm = peftlab.apply(llama(), "prompt[length=3]")
-    ids, mask = ids_and_mask()
-    pm.train()
-    pm(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
-    reference = delta(pm).prompt_embeddings.grad.clone()
-    delta(pm).prompt_embeddings.grad = None
-    pm.gradient_checkpointing_enable()
-    pm(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
-    assert (delta(pm).prompt_embeddings.grad - reference).abs().max() <= 1e-7
+    assert checkpointing_gradient_change(pm, [delta(pm).prompt_embeddings]) <= 1e-7
 
 
 # -- Hugging Face PEFT interoperability -----------------------------------------------------------------

@@ -59,7 +59,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftlab.core.config import AdapterConfig, ConfigError
+from peftlab.core.config import ConfigError
 from peftlab.core.delta import ModelDelta
 from peftlab.core.model_calls import (
     accepts_argument,
@@ -79,10 +79,9 @@ from peftlab.core.model_calls import (
     start_generation_after_cache,
     store_in_cache,
 )
-from peftlab.core.peft_format import modules_to_save_from_peft, modules_to_save_to_peft
-from peftlab.core.io import task_type_of
 from peftlab.core.registry import PeftFormat, register_method
 from peftlab.core.requirements import KV_CACHE_MODEL
+from peftlab.methods.additive.virtual_tokens import VirtualTokensConfig, geometry_from_peft, peft_task_type
 
 INITS = ("random", "zero", "tokens")
 #: models whose layer loop itself passes no cache to checkpointed layers (so no prefix either)
@@ -91,7 +90,7 @@ _TAG = "_peftlab_prefix"  # attribute of a cache that a prefix delta created: wh
 
 
 @dataclass(kw_only=True)
-class PrefixConfig(AdapterConfig):
+class PrefixConfig(VirtualTokensConfig):
     """Prefix tuning: ``length`` virtual key/value rows per self-attention layer.
 
     projection: reparameterize P = MLP(P') while training (P' ∈ R^{p×token_dim}, MLP hidden ``hidden``).
@@ -103,44 +102,26 @@ class PrefixConfig(AdapterConfig):
         ``tokens`` starts at 2.62 and reaches 1.91).
     encoder: encoder-decoders only, also prefix the encoder's self-attention (peftlab-only files).
     offset_positions: real tokens start at position ``length`` (True, PEFT's and the paper's) or 0.
-    num_layers, token_dim, num_attention_heads, num_transformer_submodules, task_type: PEFT's geometry
-        fields. ``None`` means "infer from the model"; the builder fills them in place, as PEFT does,
-        so the config can be written in PEFT's format. A value that does not fit the model is refused.
-    Targeting fields do not apply: the prefix goes to every self-attention layer (``targets``,
-    ``exclude``, ``layers`` and ``module_types`` must be None; ``modules_to_save`` works).
+    ``length`` and PEFT's geometry fields (filled from the model in place): see
+    :class:`~peftlab.methods.additive.virtual_tokens.VirtualTokensConfig`. Targeting fields do not
+    apply: the prefix goes to every self-attention layer.
     """
 
-    identity_at_init = False
-    peft_module_prefix = "base_model."  # PEFT's prompt-learning wrapper holds the model directly
-    length: int = 20
+    placement = "adds key/value rows to every self-attention layer through the model's cache, not to chosen modules"
     projection: bool = False
     hidden: int = 512
     init: str | None = None
     encoder: bool = False
     offset_positions: bool = True
-    num_layers: int | None = None
-    token_dim: int | None = None
-    num_attention_heads: int | None = None
-    num_transformer_submodules: int | None = None
-    task_type: str | None = None
 
     def validate(self) -> None:
-        for name in ("targets", "exclude", "layers", "module_types"):
-            self._check(getattr(self, name) is None, name, "None: prefix tuning adds key/value rows to every "
-                        "self-attention layer through the model's cache, not to chosen modules")
-        for name in ("length", "hidden"):
-            v = getattr(self, name)
-            self._check(isinstance(v, int) and not isinstance(v, bool) and v > 0, name, "a positive int")
+        super().validate()
+        self._check(isinstance(self.hidden, int) and not isinstance(self.hidden, bool) and self.hidden > 0, "hidden",
+                    "a positive int")
         for name in ("projection", "encoder", "offset_positions"):
             self._check(isinstance(getattr(self, name), bool), name, "true or false")
         self._check(self.init is None or self.init in INITS, "init", f"one of {', '.join(INITS)}")
         self._check(not (self.init == "tokens" and self.projection), "init", "random or zero with projection")
-        for name in ("num_layers", "token_dim", "num_attention_heads"):
-            v = getattr(self, name)
-            self._check(v is None or (isinstance(v, int) and not isinstance(v, bool) and v > 0), name,
-                        "None or a positive int")
-        self._check(self.num_transformer_submodules in (None, 1, 2) and not isinstance(
-            self.num_transformer_submodules, bool), "num_transformer_submodules", "None, 1 or 2")
 
     @property
     def effective_init(self) -> str:
@@ -150,41 +131,20 @@ class PrefixConfig(AdapterConfig):
     def to_peft(self, placed: Any = None) -> dict[str, Any]:
         """Hugging Face PEFT's ``PrefixTuningConfig`` fields (a config that PEFT cannot express, with
         ``encoder`` or without ``offset_positions``, is written as a peftlab-only file)."""
-        if None in (self.num_layers, self.token_dim, self.num_attention_heads, self.num_transformer_submodules):
-            raise ConfigError("prefix: the geometry (num_layers, token_dim...) is known once the config is applied")
+        fields = self.peft_fields(placed)  # raises before the geometry is known
         if self.encoder or not self.offset_positions:
             return {"peft_type": "PEFTLAB"}
-        return {
-            "peft_type": "PREFIX_TUNING",
-            "task_type": self.task_type,
-            "num_virtual_tokens": self.length,
-            "num_layers": self.num_layers,
-            "token_dim": self.token_dim,
-            "num_attention_heads": self.num_attention_heads,
-            "num_transformer_submodules": self.num_transformer_submodules,
-            "encoder_hidden_size": self.hidden,
-            "prefix_projection": self.projection,
-            "init_weights": "zero" if self.effective_init == "zero" else None,
-            "modules_to_save": modules_to_save_to_peft(self.modules_to_save, placed),
-            "inference_mode": True,
-            "base_model_name_or_path": None,
-            "revision": None,
-        }
+        return {"peft_type": "PREFIX_TUNING", **fields, "encoder_hidden_size": self.hidden,
+                "prefix_projection": self.projection, "init_weights": "zero" if self.effective_init == "zero" else None}
 
 
 def _from_peft(d: dict[str, Any]) -> PrefixConfig:
     """A ``PREFIX_TUNING`` config written by Hugging Face PEFT, as ours."""
     return PrefixConfig(
-        length=int(d["num_virtual_tokens"]),
         projection=bool(d.get("prefix_projection", False)),
         hidden=int(d.get("encoder_hidden_size") or 512),
         init="zero" if d.get("init_weights") == "zero" else "random",
-        num_layers=d.get("num_layers"),
-        token_dim=d.get("token_dim"),
-        num_attention_heads=d.get("num_attention_heads"),
-        num_transformer_submodules=d.get("num_transformer_submodules"),
-        task_type=d.get("task_type"),
-        modules_to_save=modules_to_save_from_peft(d),
+        **geometry_from_peft(d),
     )
 
 
@@ -236,10 +196,8 @@ def _geometry(model: nn.Module) -> dict[str, Any]:
     enc_dec = bool(getattr(cfg, "is_encoder_decoder", False))
     if enc_dec and getattr(text, "num_decoder_layers", layers) != layers:
         raise NotImplementedError("prefix tuning (PEFT's layout) needs as many decoder as encoder layers")
-    # PEFT's prompt-learning wrapper needs a task type; a model it does not name is a feature extractor.
-    task = "SEQ_2_SEQ_LM" if enc_dec else (task_type_of(model) or "FEATURE_EXTRACTION")
     return {"num_layers": layers, "token_dim": token_dim, "num_attention_heads": peft_heads,
-            "num_transformer_submodules": 2 if enc_dec else 1, "task_type": task}
+            "num_transformer_submodules": 2 if enc_dec else 1, "task_type": peft_task_type(model)}
 
 
 # -- the delta ------------------------------------------------------------------------------------
@@ -520,14 +478,7 @@ def _token_prefix(model: nn.Module, cfg: PrefixConfig) -> torch.Tensor:
 
 def _build(model: nn.Module, cfg: PrefixConfig) -> dict[str, ModelDelta]:
     """Fill the config's geometry from the model (refusing a mismatch) and create the delta."""
-    geometry = _geometry(model)
-    for key, value in geometry.items():
-        given = getattr(cfg, key)
-        if given is None:
-            setattr(cfg, key, value)
-        elif given != value and key != "task_type":
-            raise ConfigError(f"prefix: {key}={given} does not fit {type(model).__name__} ({key}={value}); "
-                              "a config is filled in place when applied, use a fresh one for another model")
+    cfg.fill_geometry(model, _geometry(model))
     if cfg.encoder and cfg.num_transformer_submodules != 2:
         raise ConfigError("prefix: encoder=True is for encoder-decoder models")
     if cfg.encoder:

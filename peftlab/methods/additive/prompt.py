@@ -51,9 +51,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from peftlab.core.config import AdapterConfig, ConfigError
+from peftlab.core.config import ConfigError
 from peftlab.core.delta import ModelDelta
-from peftlab.core.io import task_type_of
 from peftlab.core.model_calls import (
     accepts_argument,
     cache_argument,
@@ -67,10 +66,10 @@ from peftlab.core.model_calls import (
     start_generation_after_cache,
     store_in_cache,
 )
-from peftlab.core.peft_format import modules_to_save_from_peft, modules_to_save_to_peft
 from peftlab.core.registry import PeftFormat, register_method
 from peftlab.core.requirements import INPUT_EMBEDDINGS_MODEL
 from peftlab.methods.additive.prefix import prefix_positions
+from peftlab.methods.additive.virtual_tokens import VirtualTokensConfig, geometry_from_peft, peft_task_type
 
 INITS = ("random", "vocab", "text")
 _PEFT_INIT = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}
@@ -78,64 +77,9 @@ _PEFT_INIT = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}
 _SEQUENCE_FIELDS = ("logits", "start_logits", "end_logits", "last_hidden_state", "hidden_states", "attentions")
 
 
-@dataclass(kw_only=True)
-class VirtualTokensConfig(AdapterConfig):
-    """Fields shared by the input-prompt methods (prompt tuning, P-tuning): ``length`` virtual tokens.
-
-    num_layers, token_dim, num_attention_heads, num_transformer_submodules, task_type: PEFT's geometry
-        fields. ``None`` means "infer from the model"; the builder fills them in place, as PEFT does.
-    Targeting fields do not apply (``targets``, ``exclude``, ``layers``, ``module_types`` must be None).
-    """
-
-    identity_at_init = False
-    peft_module_prefix = "base_model."  # PEFT's prompt-learning wrapper holds the model directly
-    length: int = 20
-    num_layers: int | None = None
-    token_dim: int | None = None
-    num_attention_heads: int | None = None
-    num_transformer_submodules: int | None = None
-    task_type: str | None = None
-
-    def validate(self) -> None:
-        for name in ("targets", "exclude", "layers", "module_types"):
-            self._check(getattr(self, name) is None, name, f"None: {self.method or 'a soft prompt'} adds virtual "
-                        "tokens to the model's input, not to chosen modules")
-        for name in ("length", "num_layers", "token_dim", "num_attention_heads"):
-            v = getattr(self, name)
-            self._check((v is None and name != "length") or (isinstance(v, int) and not isinstance(v, bool) and v > 0),
-                        name, "a positive int" + ("" if name == "length" else " or None"))
-        self._check(self.num_transformer_submodules in (None, 1, 2) and not isinstance(
-            self.num_transformer_submodules, bool), "num_transformer_submodules", "None, 1 or 2")
-
-    @property
-    def total_tokens(self) -> int:
-        """Rows of PEFT's prompt table: ``length`` per transformer submodule (2 for encoder-decoders)."""
-        return self.length * (self.num_transformer_submodules or 1)
-
-    def peft_fields(self, placed: Any = None) -> dict[str, Any]:
-        """PEFT's ``PromptLearningConfig`` fields (geometry, ``modules_to_save``, inference mode)."""
-        if None in (self.num_layers, self.token_dim, self.num_attention_heads, self.num_transformer_submodules):
-            raise ConfigError(f"{self.method}: the geometry (token_dim...) is known once the config is applied")
-        return {
-            "task_type": self.task_type,
-            "num_virtual_tokens": self.length,
-            "token_dim": self.token_dim,
-            "num_layers": self.num_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_transformer_submodules": self.num_transformer_submodules,
-            "modules_to_save": modules_to_save_to_peft(self.modules_to_save, placed),
-            "inference_mode": True,
-            "base_model_name_or_path": None,
-            "revision": None,
-        }
-
-
-def geometry_from_peft(d: dict[str, Any]) -> dict[str, Any]:
-    """Our :class:`VirtualTokensConfig` fields from PEFT's ``PromptLearningConfig`` fields."""
-    return {"length": int(d["num_virtual_tokens"]), "token_dim": d.get("token_dim"), "num_layers": d.get("num_layers"),
-            "num_attention_heads": d.get("num_attention_heads"),
-            "num_transformer_submodules": d.get("num_transformer_submodules"), "task_type": d.get("task_type"),
-            "modules_to_save": modules_to_save_from_peft(d)}
+def table_rows(cfg: VirtualTokensConfig) -> int:
+    """Rows of PEFT's prompt table: ``length`` per transformer submodule (2 for encoder-decoders)."""
+    return cfg.length * (cfg.num_transformer_submodules or 1)
 
 
 def fill_geometry(model: nn.Module, cfg: VirtualTokensConfig) -> None:
@@ -149,16 +93,9 @@ def fill_geometry(model: nn.Module, cfg: VirtualTokensConfig) -> None:
         "token_dim": model.get_input_embeddings().embedding_dim,
         "num_attention_heads": text.num_attention_heads,
         "num_transformer_submodules": 2 if enc_dec else 1,
-        # PEFT's prompt-learning wrapper needs a task type; a model it does not name is a feature extractor.
-        "task_type": "SEQ_2_SEQ_LM" if enc_dec else (task_type_of(model) or "FEATURE_EXTRACTION"),
+        "task_type": peft_task_type(model),
     }
-    for key, value in found.items():
-        given = getattr(cfg, key)
-        if given is None:
-            setattr(cfg, key, value)
-        elif given != value and key != "task_type":
-            raise ConfigError(f"{cfg.method}: {key}={given} does not fit {type(model).__name__} ({key}={value}); "
-                              "a config is filled in place when applied, use a fresh one for another model")
+    cfg.fill_geometry(model, found)
 
 
 @dataclass(kw_only=True)
@@ -479,7 +416,7 @@ def _start_generation(model: nn.Module, kw: dict[str, Any], prompts: Sequence[to
 def _initial_prompt(model: nn.Module, cfg: PromptConfig) -> torch.Tensor:
     """P at init, (l · s, d): N(0, 1), or the model's embeddings of random / the text's tokens."""
     table = model.get_input_embeddings()
-    total = cfg.total_tokens
+    total = table_rows(cfg)
     if cfg.init == "random":
         return torch.randn(total, table.embedding_dim)
     if cfg.init == "vocab":

@@ -30,7 +30,8 @@ from torch import nn
 from peftlab.core.delta import ModelDelta
 from peftlab.core.registry import PeftFormat, register_method
 from peftlab.core.requirements import INPUT_EMBEDDINGS_MODEL
-from peftlab.methods.additive.prompt import PromptDelta, VirtualTokensConfig, fill_geometry, geometry_from_peft
+from peftlab.methods.additive.prompt import PromptDelta, fill_geometry, table_rows
+from peftlab.methods.additive.virtual_tokens import VirtualTokensConfig, geometry_from_peft
 
 ENCODERS = ("mlp", "lstm")
 
@@ -112,7 +113,7 @@ def _build(model: nn.Module, cfg: PTuningConfig) -> dict[str, ModelDelta]:
     fill_geometry(model, cfg)
     if cfg.hidden is None:
         cfg.hidden = cfg.token_dim
-    encoder = PromptEncoder(cfg.total_tokens, cfg.token_dim, cfg.hidden, cfg.encoder, cfg.encoder_layers, cfg.dropout)
+    encoder = PromptEncoder(table_rows(cfg), cfg.token_dim, cfg.hidden, cfg.encoder, cfg.encoder_layers, cfg.dropout)
     return {"": PromptDelta(cfg.length, encoder=encoder)}
 
 
