@@ -242,7 +242,7 @@ def test_outputs_line_up_with_the_callers_tokens():
 
 
 @pytest.mark.parametrize("make", [llama, gpt2])
-@pytest.mark.parametrize("method", ["prompt[length=5]", "ptuning[length=5,hidden=8]"])
+@pytest.mark.parametrize("method", ["prompt[length=5]", "ptuning[length=5,hidden=8]", "ptuning_v2[length=5]"])
 def test_generate_equals_greedy_loop(make, method):
     pm = moved(peftlab.apply(make(), method), std=0.1)
     ids, mask = ids_and_mask()

@@ -27,10 +27,13 @@ pre-fill the cache; ``generate`` then starts after them with the positions above
 tokens a forward pass over [P; x] gives. Encoder-decoders get ``inputs_embeds`` = [P; E(x)].
 
 Mixed batches (``prepare_routed``): each row's prompt P_k is gathered into a batch of p_max = max_k
-p_k rows, left-padded with masked zero columns (a base row masks all of them), its real tokens at
-p_k + j; a base row keeps the base model's own positions 0..T−1. Each row computes what its adapter
-computes alone. For generation the pre-fill holds [P_k; masked zeros] per row (pads after P_k, so
-causal attention keeps P_k's keys exact and no query sees an empty row).
+p_k columns, padded with masked zero columns (a base row masks all of them), its real tokens at
+p_k + j; a base row keeps the base model's own positions 0..T−1. Decoders and T5 get [pads; P_k; x]
+(the last position, which a decoder's classifier pools, is the row's own; T5's relative positions
+keep their distances); encoders get [P_k; x; pads] (BERT pools the first position), and their outputs
+are gathered back per row. Each row computes what its adapter computes alone. For generation the
+pre-fill holds [P_k; masked zeros] per row (pads after P_k, so causal attention keeps P_k's keys
+exact and no query sees an empty row).
 
 Files (Hugging Face PEFT's ``PROMPT_TUNING``): ``prompt_embeddings`` of shape (l · s, d), s =
 ``num_transformer_submodules`` (2 for SEQ_2_SEQ_LM, whose encoder reads the first l rows; the others
