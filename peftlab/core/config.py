@@ -145,6 +145,33 @@ class UnionConfig:
         return "+".join(p.to_string() for p in self.parts)
 
 
+@dataclass(kw_only=True)
+class HybridConfig(AdapterConfig):
+    """A method that is a union of other methods with its own defaults (MAM, UniPELT): :meth:`parts`
+    gives the part configs, and core places, saves (``parts.<i>.`` keys) and merges (or refuses) the
+    adapter exactly as the :class:`UnionConfig` of those parts; the file keeps the hybrid's own config.
+
+    The targeting fields do not apply (each part goes where its method puts it; write the union
+    ``a[...]+b[...]`` to choose modules); ``modules_to_save`` goes to the first part."""
+
+    def validate(self) -> None:
+        for name in ("targets", "exclude", "layers", "module_types"):
+            self._check(getattr(self, name) is None, name,
+                        f"None: {self.method} places each part where its method does (write the union explicitly)")
+        try:
+            self.parts()
+        except ConfigError as e:
+            raise ConfigError(f"{type(self).__name__}: {e}") from None
+
+    def parts(self) -> list[AdapterConfig]:
+        """The part configs (fresh objects at each call)."""
+        raise NotImplementedError
+
+    def union(self) -> UnionConfig:
+        """The explicit union this hybrid places."""
+        return UnionConfig(self.parts())
+
+
 # -- string grammar -------------------------------------------------------------------------
 _ITEM = re.compile(r"^\s*([A-Za-z_][\w\-]*)\s*(?:\[(.*)\])?\s*$", re.S)
 
@@ -334,3 +361,13 @@ def as_config(spec: "str | AdapterConfig | UnionConfig | dict | Any") -> Adapter
 
 def config_parts(cfg: AdapterConfig | UnionConfig) -> list[AdapterConfig]:
     return list(cfg.parts) if isinstance(cfg, UnionConfig) else [cfg]
+
+
+def union_parts(cfg: AdapterConfig | UnionConfig) -> list[AdapterConfig]:
+    """The configs placed under one adapter name: a union's parts, a hybrid's parts, else ``[cfg]``."""
+    return cfg.parts() if isinstance(cfg, HybridConfig) else config_parts(cfg)
+
+
+def is_union(cfg: AdapterConfig | UnionConfig) -> bool:
+    """Whether ``cfg`` places several parts (a union or a hybrid): file keys then carry ``parts.<i>.``."""
+    return isinstance(cfg, (UnionConfig, HybridConfig))

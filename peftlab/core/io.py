@@ -40,7 +40,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save, save_file
 
-from peftlab.core.config import AdapterConfig, ConfigError, UnionConfig, config_from_dict
+from peftlab.core.config import AdapterConfig, ConfigError, UnionConfig, config_from_dict, is_union
 from peftlab.core.delta import HeadCopy
 from peftlab.core.peft_format import PEFT_CLS_HEADS
 from peftlab.core.registry import get_method, method_for_peft_type, peft_types
@@ -83,13 +83,13 @@ ADAPTER_LEVEL = "/"
 
 
 def file_key(cfg: AdapterConfig | UnionConfig, part: int, module_name: str, key: str) -> str:
-    """``<prefix><module>.<key>``; a union's parts are kept apart by ``parts.<i>.`` (a peftlab-only
-    format). The prefix is PEFT's: ``base_model.model.`` for most methods, ``base_model.`` for the
+    """``<prefix><module>.<key>``; a union's (or a hybrid's) parts are kept apart by ``parts.<i>.``
+    (a peftlab-only format). The prefix is PEFT's: ``base_model.model.`` for most methods, ``base_model.`` for the
     prompt-learning ones, whose PEFT wrapper holds the model one level higher. An
     :data:`ADAPTER_LEVEL` key is written as it is, without the marker (one delta of the adapter owns it)."""
     if key.startswith(ADAPTER_LEVEL):
-        return (f"parts.{part}." if isinstance(cfg, UnionConfig) else "") + key[len(ADAPTER_LEVEL):]
-    if isinstance(cfg, UnionConfig):
+        return (f"parts.{part}." if is_union(cfg) else "") + key[len(ADAPTER_LEVEL):]
+    if is_union(cfg):
         return f"parts.{part}.{PREFIX}{module_name}.{key}" if module_name else f"parts.{part}.{key}"
     return f"{type(cfg).peft_module_prefix}{module_name}.{key}" if module_name else key
 

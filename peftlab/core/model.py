@@ -23,7 +23,7 @@ from torch import nn
 
 from peftlab.core import io, signatures
 from peftlab.core.accounting import adapter_report
-from peftlab.core.config import AdapterConfig, UnionConfig, as_config, config_parts
+from peftlab.core.config import AdapterConfig, HybridConfig, UnionConfig, as_config, config_parts, is_union, union_parts
 from peftlab.core.delta import HeadCopy, RecentCache
 from peftlab.core.dispatch import AdapterState, Dispatcher, Routing
 from peftlab.core.follow import BaseRef, adapter_dtype, follow, refuse_meta
@@ -104,9 +104,12 @@ def _adapter_dir(model_id: str | os.PathLike, subfolder: str | None) -> str:
 
 
 def build_placement(model: nn.Module, cfg: AdapterConfig | UnionConfig) -> Placement:
-    """Create (but do not attach) every delta an adapter config asks for. The model is not changed."""
+    """Create (but do not attach) every delta an adapter config asks for (a hybrid: its parts'). The
+    model is not changed."""
     placement: Placement = []
-    for part, pcfg in enumerate(config_parts(cfg)):
+    if isinstance(cfg, HybridConfig):
+        get_method(cfg.method).check_applicable(model)  # the hybrid's own needs, under its own name
+    for part, pcfg in enumerate(union_parts(cfg)):
         spec = get_method(pcfg.method)
         spec.check_applicable(model)
         for module_name, delta in spec.build(model, pcfg).items():
@@ -291,7 +294,7 @@ class PeftModel(nn.Module):
                 )
             disp.add(adapter_name, delta)
         hooks = []
-        for part, pcfg in enumerate(config_parts(cfg)):
+        for part, pcfg in enumerate(union_parts(cfg)):
             spec = get_method(pcfg.method)
             if spec.training is not None:
                 hooks.append(spec.training(pcfg, {m: d for k, m, d in placement if k == part}))
@@ -822,8 +825,8 @@ class PeftModel(nn.Module):
         self.unmerge()
 
     def placed(self, adapter_name: str) -> dict[str, nn.Module] | None:
-        """{module name: delta} of a single-config adapter (None for a union)."""
-        if isinstance(self.configs[adapter_name], UnionConfig):
+        """{module name: delta} of a single-config adapter (None for a union or a hybrid)."""
+        if is_union(self.configs[adapter_name]):
             return None
         return {m: d for _, m, d in self.placements[adapter_name]}
 

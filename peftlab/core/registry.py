@@ -7,7 +7,9 @@ default learning rate. The core, ``peftlab train`` and the registry-driven tests
 nothing about a method is found by probing its classes.
 
 A builder takes the base model and a config and returns a *placement*: a dict from module name
-(``""`` for the model level) to the delta placed there. It must not modify the model.
+(``""`` for the model level) to the delta placed there. It must not modify the model. A hybrid
+(a :class:`~peftlab.core.config.HybridConfig`: MAM, UniPELT) registers no builder: core places the
+union of its parts, each through its own method's builder.
 
 The core never imports ``peftlab.methods``: importing ``peftlab`` registers every built-in method.
 """
@@ -20,7 +22,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from peftlab.core.config import AdapterConfig, ConfigError
+from peftlab.core.config import AdapterConfig, ConfigError, HybridConfig
 from peftlab.core.targeting import TargetError
 from peftlab.core.training import TrainingHooks
 
@@ -72,7 +74,8 @@ class MethodSpec:
 
     name: str
     config_cls: type[AdapterConfig]
-    build: Builder
+    #: None for a hybrid: its parts' builders place it.
+    build: Builder | None
     family: str
     #: Site kinds its deltas use (a subset of ``SITE_KINDS``).
     sites: tuple[str, ...]
@@ -118,7 +121,7 @@ _BY_PEFT_TYPE: dict[str, MethodSpec] = {}
 def register_method(
     name: str,
     config_cls: type[AdapterConfig],
-    build: Builder,
+    build: Builder | None,
     *,
     family: str,
     sites: tuple[str, ...],
@@ -143,6 +146,8 @@ def register_method(
         raise ValueError(f"method {name!r}: sites {sites!r} must be a non-empty subset of {SITE_KINDS}")
     if not default_lr > 0:
         raise ValueError(f"method {name!r}: default_lr must be positive")
+    if (build is None) != issubclass(config_cls, HybridConfig):
+        raise ValueError(f"method {name!r}: a hybrid (HybridConfig) registers no builder, every other method one")
     if peft is not None and peft.read is not None and peft.peft_type in _BY_PEFT_TYPE:
         raise ValueError(f"PEFT type {peft.peft_type!r} is read by {_BY_PEFT_TYPE[peft.peft_type].name!r} already")
     config_cls.method = name

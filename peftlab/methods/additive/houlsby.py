@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from peftlab.core.delta import Delta
+from peftlab.core.gate import GateOption, gated
 from peftlab.core.layers import layer_info
 from peftlab.core.registry import register_method
 from peftlab.core.targeting import is_linear
@@ -52,9 +53,10 @@ DEFAULT_TARGETS = [
 
 
 @dataclass(kw_only=True)
-class HoulsbyConfig(SizedBottleneckConfig):
+class HoulsbyConfig(GateOption, SizedBottleneckConfig):
     """Bottleneck size ``r`` (if given) or ``d // reduction_factor``; activation relu | gelu | silu;
-    ``adapterdrop`` = k: no adapter in the lowest k layers."""
+    ``adapterdrop`` = k: no adapter in the lowest k layers; ``gate=true``: the adapter's change
+    weighted by a gate on the layer's input (UniPELT; ``core/gate.py``)."""
 
 
 class HoulsbyAdapter(SequentialBottleneck, LinearBottleneck):
@@ -65,11 +67,11 @@ class HoulsbyAdapter(SequentialBottleneck, LinearBottleneck):
         super().__init__(d, cfg.bottleneck(d), d, cfg.activation)
 
 
-def build_sequential(model: nn.Module, cfg: SizedBottleneckConfig, default: list[str]) -> dict[str, Delta]:
+def build_sequential(model: nn.Module, cfg: HoulsbyConfig, default: list[str]) -> dict[str, Delta]:
     """One :class:`HoulsbyAdapter` on each selected linear layer (``default`` targets unless
-    ``cfg.targets``), AdapterDrop applied."""
+    ``cfg.targets``), AdapterDrop applied; gated with ``cfg.gate``."""
     modules = select_adapter_modules(model, cfg, default=default, accept=is_linear, what="Linear or Conv1D layer")
-    return {name: HoulsbyAdapter(module, cfg) for name, module in modules.items()}
+    return gated(model, {name: HoulsbyAdapter(module, cfg) for name, module in modules.items()}, cfg.gate)
 
 
 def _build(model: nn.Module, cfg: HoulsbyConfig) -> dict[str, Delta]:

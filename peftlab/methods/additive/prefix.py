@@ -61,6 +61,7 @@ from torch import nn
 
 from peftlab.core.config import ConfigError
 from peftlab.core.delta import ModelDelta
+from peftlab.core.gate import GateOption
 from peftlab.core.model_calls import (
     accepts_argument,
     allow_cache_in_checkpoints,
@@ -90,8 +91,10 @@ _TAG = "_peftlab_prefix"  # attribute of a cache that a prefix delta created: wh
 
 
 @dataclass(kw_only=True)
-class PrefixConfig(VirtualTokensConfig):
+class PrefixConfig(GateOption, VirtualTokensConfig):
     """Prefix tuning: ``length`` virtual key/value rows per self-attention layer.
+
+    gate: scale each layer's P_k, P_v by gates from the layer's input (UniPELT; ``prefix_gate.py``).
 
     projection: reparameterize P = MLP(P') while training (P' ∈ R^{p×token_dim}, MLP hidden ``hidden``).
     init: ``tokens`` (the keys and values the base model computes for ``length`` random vocabulary
@@ -132,7 +135,7 @@ class PrefixConfig(VirtualTokensConfig):
         """Hugging Face PEFT's ``PrefixTuningConfig`` fields (a config that PEFT cannot express, with
         ``encoder`` or without ``offset_positions``, is written as a peftlab-only file)."""
         fields = self.peft_fields(placed)  # raises before the geometry is known
-        if self.encoder or not self.offset_positions:
+        if self.encoder or not self.offset_positions or self.gate:
             return {"peft_type": "PEFTLAB"}
         return {"peft_type": "PREFIX_TUNING", **fields, "encoder_hidden_size": self.hidden,
                 "prefix_projection": self.projection, "init_weights": "zero" if self.effective_init == "zero" else None}
@@ -483,6 +486,10 @@ def _build(model: nn.Module, cfg: PrefixConfig) -> dict[str, ModelDelta]:
         raise ConfigError("prefix: encoder=True is for encoder-decoder models")
     if cfg.encoder:
         encoder_self_attentions(model.get_encoder())
+    if cfg.gate:  # the gated variant is built on this module (imported here: it imports this one)
+        from peftlab.methods.additive.prefix_gate import GatedPrefixDelta
+
+        return {"": GatedPrefixDelta(cfg, model)}
     return {"": PrefixDelta(cfg, model)}
 
 

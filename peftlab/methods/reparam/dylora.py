@@ -49,6 +49,7 @@ class DyLoraConfig(LoraConfig):
         self._check(self.eval_rank is None or (isinstance(self.eval_rank, int) and 1 <= self.eval_rank <= self.r),
                     "eval_rank", f"none or an int in [1, r={self.r}]")
         self._check(isinstance(self.seed, int), "seed", "an int")
+        self._check(not self.gate, "gate", "false (dylora has no gated variant)")
 
     def rank_scaling(self, b: int) -> float:
         """α / b (α / √b with rsLoRA): LoRA's scale at rank b."""

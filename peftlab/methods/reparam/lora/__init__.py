@@ -27,6 +27,7 @@ from __future__ import annotations
 from torch import nn
 
 from peftlab.core.delta import Delta
+from peftlab.core.gate import gated
 from peftlab.core.layers import is_adaptable_layer, layer_info
 from peftlab.core.registry import PeftFormat, register_method
 from peftlab.core.targeting import is_linear, select_modules
@@ -61,7 +62,7 @@ def _build(model: nn.Module, cfg: LoraConfig) -> dict[str, Delta]:
             placed[name] = LoraConv2d(module, cfg)
         else:
             placed[name] = LoraLinear(module, cfg)
-    return placed
+    return gated(model, placed, cfg.gate)
 
 
 # PEFT writes DoRA and LoRA-FA's files as LORA (DoRA with use_dora=true): lora's reader turns them

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 from torch import nn
 
 from peftlab.core.config import AdapterConfig
+from peftlab.core.gate import GateOption
 
 #: Query and value projections of the common architectures (Llama, BERT, GPT-2, T5, ViT).
 DEFAULT_TARGETS = ["q_proj", "v_proj", "query", "value", "c_attn", "q", "v"]
@@ -22,8 +23,9 @@ INITS = ("kaiming", "gaussian", "pissa", "olora")
 
 
 @dataclass(kw_only=True)
-class LoraConfig(AdapterConfig):
-    """LoRA: rank ``r``, scale ``alpha / r`` (``alpha / sqrt(r)`` with ``rslora``), input dropout."""
+class LoraConfig(GateOption, AdapterConfig):
+    """LoRA: rank ``r``, scale ``alpha / r`` (``alpha / sqrt(r)`` with ``rslora``), input dropout;
+    ``gate=true``: Δh weighted by a gate on the layer's input (UniPELT; ``core/gate.py``, no merge)."""
 
     r: int = 8
     alpha: float = 8
@@ -47,6 +49,8 @@ class LoraConfig(AdapterConfig):
         # Imported here: the file format reads these config classes, and the deltas of ``placed``.
         from peftlab.methods.reparam.lora.peft_file import config_to_peft
 
+        if self.gate:  # PEFT has no gated LoRA
+            return {"peft_type": "PEFTLAB"}
         return config_to_peft(self, placed)
 
 
