@@ -16,19 +16,23 @@ from peftlab.core.targeting import TargetError
 # Importing the methods registers every built-in method (the core itself never imports them).
 from peftlab import methods  # noqa: E402,F401  isort: skip
 from peftlab.methods.reparam.lora import DoraConfig, LoraConfig, LoraFaConfig  # noqa: E402  isort: skip
+from peftlab.compose import Average, Parallel, Stack  # noqa: E402  isort: skip
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdapterConfig",
     "AdapterFileError",
+    "Average",
     "ConfigError",
     "DoraConfig",
     "LoraConfig",
     "LoraFaConfig",
     "NotApplicableError",
     "NotForwardedError",
+    "Parallel",
     "PeftModel",
+    "Stack",
     "TargetError",
     "UnionConfig",
     "apply",

@@ -3,8 +3,10 @@
 The dispatcher owns the module's two hooks (a forward pre-hook for input sites, a forward hook for
 parallel and output sites). The module itself is never modified (DESIGN.md principle 1).
 
-Composition: every active adapter is applied; parallel deltas are summed, then output deltas are
-applied in activation order. With per-row routing (a mixed batch), row i uses only the adapter in
+Composition: the active adapters (a list of names, or a tree of blocks: ``core/composition.py``)
+are compiled once per state version into a plan of three steps (input, parallel, output); with a
+list, parallel deltas are summed, then output deltas are applied in activation order. A call only
+runs the plan's steps. With per-row routing (a mixed batch), row i uses only the adapter in
 its slot; a delta class may implement ``forward_routed`` to do this as one gathered batched matmul,
 otherwise the dispatcher runs one sub-batch per adapter.
 
@@ -20,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftlab.core.composition import Plan, compile_plan
 from peftlab.core.delta import Delta
 from peftlab.core.follow import BaseRef, follow
 from peftlab.core.layers import is_adaptable_layer
@@ -38,6 +41,8 @@ class AdapterState:
     """What is active, shared by the container and all its dispatchers."""
 
     active: list[str] = field(default_factory=list)
+    #: The active tree of blocks (``core/composition.py``), or None: ``active`` combined as a list.
+    composition: Any = None
     merged: list[str] = field(default_factory=list)
     disabled: bool = False
     routing: Routing | None = None
@@ -66,7 +71,7 @@ class Dispatcher:
         self.state = state
         self.deltas: dict[str, list[Delta]] = {}
         self._cache_version = -1
-        self._active: dict[str, list[Delta]] = {}
+        self._plan_cache = Plan()
         self._slots_for: Routing | None = None  # the routing _slots_cache was made for (held, not an id)
         self._slots_version = -1
         self._slots_cache: dict[str, list[list[Delta]]] = {}
@@ -102,22 +107,22 @@ class Dispatcher:
         if not self._base.changed():
             return
         if in_use is None:
-            in_use = self.state.routing is not None or any(self._active_by_site().values())
+            in_use = self.state.routing is not None or not self._plan().empty
         follow([d for ds in self.deltas.values() for d in ds], self._base, f"module {self.name!r}", in_use)
 
-    def _active_by_site(self) -> dict[str, list[Delta]]:
+    def _plan(self) -> Plan:
+        """The active composition compiled for this module (cached per state version)."""
         if self._cache_version != self.state.version:
             st = self.state
-            by_site: dict[str, list[Delta]] = {"input": [], "parallel": [], "output": []}
-            if not st.disabled:
-                for a in st.active:
-                    if a in st.merged:
-                        continue
-                    for d in self.deltas.get(a, ()):
-                        by_site[d.site].append(d)
-            self._active = by_site
+            if st.disabled:
+                self._plan_cache = Plan()
+            else:
+                self._plan_cache = compile_plan(
+                    st.composition if st.composition is not None else st.active,
+                    lambda a: () if a in st.merged else self.deltas.get(a, ()),
+                )
             self._cache_version = st.version
-        return self._active
+        return self._plan_cache
 
     def _slots(self, site: str) -> list[list[Delta]]:
         """Per routed adapter name, this module's deltas of ``site`` (cached per routing and state)."""
@@ -147,35 +152,30 @@ class Dispatcher:
                 return None
             x, put = _split_input(args, kwargs)
             return put(_routed_sequential(slots, self.state.routing.slot, x, None, input_site=True))
-        deltas = self._active_by_site()["input"]
-        if not deltas:
+        step = self._plan().input
+        if step is None:
             return None
         x, put = _split_input(args, kwargs)
-        for d in deltas:
-            x = d(x)
-        return put(x)
+        return put(step(x, x, kwargs))
 
     def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any):
         y = output[0] if isinstance(output, tuple) else output
         if self.state.routing is not None:
             new_y = self._routed(args, kwargs, y)
         else:
-            active = self._active_by_site()
-            if not active["parallel"] and not active["output"]:
+            plan = self._plan()
+            if plan.parallel is None and plan.output is None:
                 return None
             x, _ = _split_input(args, kwargs)
             new_y = y
-            if active["parallel"]:
-                total = None
-                for d in active["parallel"]:
-                    step = d(x, y)
-                    total = step if total is None else total + step
+            if plan.parallel is not None:
+                total = plan.parallel(x, y)
                 if self._inplace_ok and not torch.is_grad_enabled():
                     new_y = y.add_(total)
                 else:
                     new_y = y + total
-            for d in active["output"]:
-                new_y = d(x, new_y, call=kwargs) if d.reads_call else d(x, new_y)
+            if plan.output is not None:
+                new_y = plan.output(x, new_y, kwargs)
         if new_y is None:
             return None
         return (new_y, *output[1:]) if isinstance(output, tuple) else new_y

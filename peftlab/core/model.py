@@ -23,6 +23,7 @@ from torch import nn
 
 from peftlab.core import io, signatures
 from peftlab.core.accounting import adapter_report
+from peftlab.core.composition import Composition, is_foldable
 from peftlab.core.config import AdapterConfig, HybridConfig, UnionConfig, as_config, config_parts, is_union, union_parts
 from peftlab.core.delta import HeadCopy, RecentCache
 from peftlab.core.dispatch import AdapterState, Dispatcher, Routing
@@ -249,6 +250,12 @@ class PeftModel(nn.Module):
         return list(self._state.active)
 
     @property
+    def active_composition(self) -> Composition | None:
+        """The block given to ``set_adapter`` (``peftlab.Stack`` / ``Parallel`` / ``Average``), or
+        None when names were activated (a list combines as ``Stack`` of those names)."""
+        return self._state.composition
+
+    @property
     def active_adapter(self) -> str | None:
         """The first active adapter (PEFT's name); None when no adapter is active."""
         return self._state.active[0] if self._state.active else None
@@ -312,20 +319,28 @@ class PeftModel(nn.Module):
         for n, p in self.adapter_modules[adapter_name].named_parameters():
             yield p, flags.get(n, True)
 
-    def set_adapter(self, adapter_names: str | Sequence[str], inference_mode: bool = False) -> None:
-        """Activate one adapter, or several (their outputs are summed / applied in order).
+    def set_adapter(self, adapter_names: str | Sequence[str] | Composition, inference_mode: bool = False) -> None:
+        """Activate one adapter, or several (their outputs are summed / applied in order), or a
+        composition of blocks (``peftlab.Stack``, ``Parallel``, ``Average``; README "Combining adapters").
 
         Only the active adapters' parameters are trainable afterwards, as in PEFT (this also makes an
         adapter loaded with ``is_trainable=False`` trainable); ``inference_mode=True`` (PEFT's
         argument) leaves every adapter parameter frozen."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        block = adapter_names if isinstance(adapter_names, Composition) else None
+        names = block.names() if block is not None else [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         self._require(names)
-        if self._state.merged and set(names) != set(self._state.active):
+        if self._state.merged and (set(names) != set(self._state.active) or not is_foldable(block)):
             raise RuntimeError(f"adapters {self._state.merged} are merged; unmerge() before switching adapters")
+        model_level = [n for n in names if any(d.site == "model" for _, _, d in self.placements[n])]
+        if model_level and not is_foldable(block):
+            raise NotImplementedError(
+                f"{block!r}: adapters {model_level} rewrite the model call (model-level site), which Parallel and "
+                "Average cannot combine; activate them in a list or a Stack")
         for name in self._trainable:
             for p, trainable in self.adapter_parameters(name):
                 p.requires_grad_(trainable and name in names and not inference_mode)
         self._state.active = names
+        self._state.composition = block
         self._state.touch()
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -333,6 +348,9 @@ class PeftModel(nn.Module):
         self._require([adapter_name])
         if adapter_name in self._state.merged:
             raise RuntimeError(f"adapter {adapter_name!r} is merged; unmerge() it before deleting it")
+        if self._state.composition is not None and adapter_name in self._state.composition.names():
+            raise ValueError(f"adapter {adapter_name!r} is part of the active composition {self._state.composition!r}; "
+                             "set_adapter(...) something else before deleting it")
         for module_name, disp in list(self._dispatchers.items()):
             disp.remove(adapter_name)
             if not disp.deltas:
@@ -600,6 +618,11 @@ class PeftModel(nn.Module):
         Merged adapters are skipped by the hooks, so outputs are unchanged (up to rounding)."""
         names = list(adapter_names) if adapter_names is not None else list(self._state.active)
         self._require(names)
+        block = self._state.composition
+        if not is_foldable(block) and set(names) & set(block.names()):
+            raise RuntimeError(
+                f"merge() folds adapters one after another, which computes {block!r} only for a Stack; merge "
+                "them into one adapter with peftlab.compose.merge(pm, names, weights, method='linear') and merge that")
         self._follow_base(everywhere=True)  # the deltas where the base is, if the model was moved or cast
         for name in names:
             if name in self._state.merged:
@@ -655,6 +678,7 @@ class PeftModel(nn.Module):
         self._training.clear()
         self._steps.clear()
         self._state.active = []
+        self._state.composition = None
         self._state.touch()
         return model
 
