@@ -16,6 +16,8 @@ from peftlab.core.targeting import TargetError
 # Importing the methods registers every built-in method (the core itself never imports them).
 from peftlab import methods  # noqa: E402,F401  isort: skip
 from peftlab.methods.reparam.lora import DoraConfig, LoraConfig, LoraFaConfig  # noqa: E402  isort: skip
+# The quantized base: registers the ``qlora[...]`` form (bitsandbytes is imported only when used).
+from peftlab import quant  # noqa: E402,F401  isort: skip
 from peftlab.compose import Average, Parallel, Stack  # noqa: E402  isort: skip
 
 __version__ = "0.1.0"

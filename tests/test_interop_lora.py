@@ -400,7 +400,8 @@ def _peft_config_dict(**changes: Any) -> dict[str, Any]:
     "changes,init",
     [({}, "kaiming"), ({"init_lora_weights": False}, "kaiming"), ({"init_lora_weights": "eva"}, "kaiming"),
      ({"init_lora_weights": "orthogonal"}, "kaiming"), ({"init_lora_weights": "gaussian"}, "gaussian"),
-     ({"init_lora_weights": "pissa"}, "pissa"), ({"init_lora_weights": "olora"}, "olora")],
+     ({"init_lora_weights": "pissa"}, "pissa"), ({"init_lora_weights": "olora"}, "olora"),
+     ({"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 4, "loftq_iter": 1}}, "loftq")],
 )
 def test_peft_inits_that_keep_the_base_are_read(changes, init):
     assert io.config_from_file_dict(_peft_config_dict(**changes)).init == init
@@ -408,7 +409,7 @@ def test_peft_inits_that_keep_the_base_are_read(changes, init):
 
 @pytest.mark.parametrize(
     "changes",
-    [{"init_lora_weights": "pissa_niter_4"}, {"init_lora_weights": "loftq"}, {"init_lora_weights": "corda"},
+    [{"init_lora_weights": "pissa_niter_4"}, {"init_lora_weights": "corda"},
      {"lora_bias": True}, {"bias": "all"}, {"alora_invocation_tokens": [1, 2]}, {"rank_pattern": {"q_proj": 2}},
      {"layer_replication": [[0, 1]]}],
     ids=lambda c: next(iter(c)) + "=" + str(next(iter(c.values()))),

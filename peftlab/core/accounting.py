@@ -20,6 +20,7 @@ from torch import nn
 
 from peftlab.core import io
 from peftlab.core.config import AdapterConfig, UnionConfig
+from peftlab.core.quantized import logical_numel
 
 
 def adapter_report(
@@ -37,7 +38,7 @@ def adapter_report(
     ``delta.changed_params(base module)``; total = base + every adapter parameter (seed 001 §12)."""
     n_trainable = sum(p.numel() for p in trainable)
     n_adapter = sum(p.numel() for p in adapter_params)
-    base_params = sum(p.numel() for p in model.parameters())
+    base_params = sum(logical_numel(p) for p in model.parameters())  # a 4-bit weight: its entries
     changed = 0
     ranks: dict[str, int] = {}
     for _, module_name, delta in placement:

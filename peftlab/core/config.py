@@ -131,6 +131,35 @@ class AdapterConfig:
         return dataclasses.replace(self, **changes)
 
 
+class BaseChangingConfig(AdapterConfig):
+    """A config *form* that changes the base model, at the user's explicit request, and then places a
+    registered method's adapter: ``qlora[...]`` quantizes the base to 4-bit, then places LoRA.
+
+    It is not a method: a builder must not modify the model (``core/registry.py``), and quantizing
+    replaces its Linear layers. So ``peftlab.apply`` hands the whole step to :meth:`apply_to`, which
+    changes the base and then applies the method's own config (saved files are that method's). A
+    form is registered with :func:`register_form` and parsed by the string grammar; it cannot be
+    part of a union nor added to a model that has adapters already."""
+
+    def apply_to(self, model: Any, adapter_name: str) -> Any:
+        """Change ``model`` as the form says and attach the adapter; returns the ``PeftModel``."""
+        raise NotImplementedError
+
+
+#: Registered config forms (name -> class): ``register_form``.
+_FORMS: dict[str, type[BaseChangingConfig]] = {}
+
+
+def register_form(name: str, config_cls: type[BaseChangingConfig]) -> None:
+    """Declare a :class:`BaseChangingConfig` form under ``name`` (the string grammar's name)."""
+    if name in _FORMS:
+        raise ValueError(f"config form {name!r} is registered twice")
+    if not issubclass(config_cls, BaseChangingConfig):
+        raise ValueError(f"{config_cls.__name__} must derive from BaseChangingConfig")
+    config_cls.method = name
+    _FORMS[name] = config_cls
+
+
 @dataclass
 class UnionConfig:
     """Several method configs placed under one adapter name (hybrids such as MAM or UniPELT)."""
@@ -262,7 +291,7 @@ def parse_method_string(text: str) -> AdapterConfig | UnionConfig:
         if not m:
             raise ConfigError(f"cannot parse method spec {item!r}: expected name[key=value,...]")
         name, body = m.group(1), m.group(2) or ""
-        spec = get_method(name)
+        config_cls = _FORMS[name] if name in _FORMS else get_method(name).config_cls
         kwargs: dict[str, Any] = {}
         for assignment in _split_top(body, ","):
             if not assignment.strip():
@@ -271,11 +300,15 @@ def parse_method_string(text: str) -> AdapterConfig | UnionConfig:
                 raise ConfigError(f"in {item!r}: {assignment!r} is not key=value")
             key, raw = assignment.split("=", 1)
             key = key.strip()
-            if key not in spec.config_cls.field_names():
-                valid = spec.config_cls.field_names()
+            if key not in config_cls.field_names():
+                valid = config_cls.field_names()
                 raise ConfigError(f"unknown field {key!r} for {name!r}.{_close(key, valid)} Valid fields: {', '.join(valid)}")
-            kwargs[key] = _coerce(spec.config_cls, key, raw)
-        parts.append(spec.config_cls(**kwargs))
+            kwargs[key] = _coerce(config_cls, key, raw)
+        parts.append(config_cls(**kwargs))
+    forms = [p.method for p in parts if isinstance(p, BaseChangingConfig)]
+    if forms and len(parts) > 1:
+        raise ConfigError(f"{forms[0]} changes the base model and cannot be part of a union ({text!r}); apply it "
+                          "alone, then add the other adapters with pm.add_adapter")
     return parts[0] if len(parts) == 1 else UnionConfig(parts)
 
 
@@ -287,6 +320,8 @@ def config_from_dict(d: dict[str, Any]) -> AdapterConfig | UnionConfig:
         return UnionConfig([config_from_dict(p) for p in d["parts"]])  # type: ignore[misc]
     if "method" not in d:
         raise ConfigError("config dict has no 'method' field")
+    if d["method"] in _FORMS:
+        return _FORMS[d["method"]].from_dict(d)
     return get_method(d["method"]).config_cls.from_dict(d)
 
 

@@ -19,6 +19,8 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import nn
 
+from peftlab.core.quantized import logical_numel
+
 
 class Delta(nn.Module):
     """Base class of every placed delta."""
@@ -54,7 +56,7 @@ class Delta(nn.Module):
         """Entries of the base model this delta changes: the base tensors merging writes, or, for a
         delta that cannot merge, the parameters it adds (seed 001 §12's "changed parameters")."""
         if self.merges_into:
-            return sum(getattr(base, n).numel() for n in self.merges_into if getattr(base, n, None) is not None)
+            return sum(logical_numel(getattr(base, n)) for n in self.merges_into if getattr(base, n, None) is not None)
         return sum(p.numel() for p in self.parameters())
 
     def file_state(self) -> dict[str, torch.Tensor]:

@@ -30,6 +30,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from peftlab.core.quantized import float_dtype, is_4bit_param
+
 
 class AdapterPlacementError(RuntimeError):
     """The base model was moved where its adapters cannot follow by themselves (``meta``)."""
@@ -44,11 +46,12 @@ def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
 
 
 def _first_float(module: nn.Module) -> tuple[nn.Module, str, bool] | None:
-    """(owner module, name, is_parameter) of the first floating-point parameter (else buffer)."""
+    """(owner module, name, is_parameter) of the first floating-point parameter (else buffer); a
+    4-bit quantized weight counts, standing for the float dtype it dequantizes to."""
     for table in ("_parameters", "_buffers"):
         for owner in module.modules():
             for name, t in getattr(owner, table).items():
-                if t is not None and t.is_floating_point():
+                if t is not None and (t.is_floating_point() or is_4bit_param(t)):
                     return owner, name, table == "_parameters"
     return None
 
@@ -67,7 +70,7 @@ class BaseRef:
     ``changed()`` is the per-call check: it reads that tensor's device and dtype and compares them
     with what was last accepted (nothing at first, so the first call always checks the deltas)."""
 
-    __slots__ = ("_table", "_name", "_seen")
+    __slots__ = ("_table", "_name", "_seen", "_4bit")
 
     def __init__(self, module: nn.Module):
         found = _first_float(module)
@@ -78,20 +81,25 @@ class BaseRef:
             owner, self._name, is_param = found
             self._table = owner._parameters if is_param else owner._buffers
         self._seen: tuple[torch.device, torch.dtype] | None = None
+        # A 4-bit weight (uint8 storage) stands for the float dtype it dequantizes to.
+        self._4bit = self._table is not None and is_4bit_param(self._table.get(self._name))
 
     def current(self) -> tuple[torch.device, torch.dtype] | None:
         """The base's (device, dtype) now, or None if it has no floating-point tensor."""
         if self._table is None:
             return None
         t = self._table.get(self._name)
-        return None if t is None else (t.device, t.dtype)
+        return None if t is None else (t.device, float_dtype(t) if self._4bit else t.dtype)
 
     def changed(self) -> bool:
         """Whether the base moved or was cast since :meth:`accept` last ran."""
         if self._table is None:
             return False
         t = self._table.get(self._name)
-        return t is not None and (self._seen is None or t.device != self._seen[0] or t.dtype != self._seen[1])
+        if t is None:
+            return False
+        dtype = float_dtype(t) if self._4bit else t.dtype
+        return self._seen is None or t.device != self._seen[0] or dtype != self._seen[1]
 
     def accept(self) -> None:
         """The deltas agree with the base as it is now."""

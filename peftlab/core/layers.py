@@ -2,6 +2,9 @@
 
 Deltas work in one layout, ``(out_features, in_features)`` as ``nn.Linear`` stores it. GPT-2's
 ``Conv1D`` stores the transpose; this module converts so no method needs a special case.
+A bitsandbytes 4-bit ``Linear4bit`` (an ``nn.Linear`` subclass) is a ``"linear"`` layer too: its
+weight is read dequantized (``core/quantized.py``), so methods that need W0 (DoRA's norm, PiSSA,
+OFT, merging) work on it unchanged.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from peftlab.core.quantized import dequantize, is_4bit, requantize
 
 
 @dataclass(frozen=True)
@@ -34,8 +39,11 @@ def layer_info(module: nn.Module) -> LayerInfo:
 
 
 def weight_out_in(module: nn.Module) -> torch.Tensor:
-    """The module's weight as ``(out, in)`` (a view; Conv2d is flattened to ``(out, in*kh*kw)``)."""
+    """The module's weight as ``(out, in)`` (a view; Conv2d is flattened to ``(out, in*kh*kw)``; a
+    4-bit layer's weight is dequantized into a new float tensor, which writing to does not change)."""
     info = layer_info(module)
+    if is_4bit(module):
+        return dequantize(module)
     w = module.weight
     if info.kind == "conv1d":
         return w.T
@@ -54,6 +62,20 @@ def to_module_layout(module: nn.Module, delta_out_in: torch.Tensor) -> torch.Ten
     if info.kind == "conv2d":
         return delta_out_in.reshape(module.weight.shape)
     return delta_out_in
+
+
+def add_to_param(module: nn.Module, name: str, delta: torch.Tensor) -> float | None:
+    """``P <- P + delta`` for the parameter ``name`` of ``module``, in place (merging, unmerging).
+
+    A 4-bit layer's weight is dequantized, added to and requantized (quantization is lossy, so the
+    result is deq(q(W + ΔW)), not W + ΔW): the requantization error max |deq(q(W + ΔW)) − (W + ΔW)|
+    is returned. None for a float parameter (exact up to float rounding)."""
+    if name == "weight" and is_4bit(module):
+        w = dequantize(module)
+        return requantize(module, w + delta.to(device=w.device, dtype=w.dtype))
+    target = module.get_parameter(name)
+    target.add_(delta.to(device=target.device, dtype=target.dtype))
+    return None
 
 
 def is_adaptable_layer(module: nn.Module) -> bool:

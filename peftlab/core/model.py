@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import os
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -24,10 +25,13 @@ from torch import nn
 from peftlab.core import io, signatures
 from peftlab.core.accounting import adapter_report
 from peftlab.core.composition import Composition, is_foldable
-from peftlab.core.config import AdapterConfig, HybridConfig, UnionConfig, as_config, config_parts, is_union, union_parts
+from peftlab.core.config import (
+    AdapterConfig, BaseChangingConfig, ConfigError, HybridConfig, UnionConfig, as_config, config_parts, is_union, union_parts,
+)
 from peftlab.core.delta import HeadCopy, RecentCache
 from peftlab.core.dispatch import AdapterState, Dispatcher, Routing
 from peftlab.core.follow import BaseRef, adapter_dtype, follow, refuse_meta
+from peftlab.core.layers import add_to_param
 from peftlab.core.model_calls import checkpointing_enabled, enable_checkpointing
 from peftlab.core.registry import get_method
 from peftlab.core.targeting import TargetError, _nearest, entry_matches
@@ -37,6 +41,7 @@ from peftlab.core.training import TrainingHooks, total_regularizer
 Placement = list[tuple[int, str, nn.Module]]
 
 _SITE_ORDER = {"parallel": 0, "input": 1, "output": 2, "model": 3}
+_log = logging.getLogger("peftlab")
 
 
 class NotForwardedError(AttributeError, NotImplementedError):
@@ -111,6 +116,10 @@ def build_placement(model: nn.Module, cfg: AdapterConfig | UnionConfig) -> Place
     if isinstance(cfg, HybridConfig):
         get_method(cfg.method).check_applicable(model)  # the hybrid's own needs, under its own name
     for part, pcfg in enumerate(union_parts(cfg)):
+        if isinstance(pcfg, BaseChangingConfig):
+            raise ConfigError(
+                f"{pcfg.method} changes the base model, so it is given to peftlab.apply(model, ...) on a model "
+                f"without adapters, not added or loaded as an adapter ({pcfg.to_string()})")
         spec = get_method(pcfg.method)
         spec.check_applicable(model)
         for module_name, delta in spec.build(model, pcfg).items():
@@ -130,12 +139,12 @@ def build_placement(model: nn.Module, cfg: AdapterConfig | UnionConfig) -> Place
 
 
 def _match_device(delta: nn.Module, base: nn.Module) -> None:
-    ref = next((p for p in base.parameters() if p.is_floating_point()), None)
-    if ref is None:
+    now = BaseRef(base).current()  # the first float tensor (a 4-bit weight: the dtype it stands for)
+    if now is None:
         return
     # Adapters of a half-precision base stay float32 (their forward casts), as PEFT does by default;
     # the same rule applies when the base is cast later (core/follow.py).
-    delta.to(device=ref.device, dtype=adapter_dtype(ref.dtype))
+    delta.to(device=now[0], dtype=adapter_dtype(now[1]))
 
 
 #: Argument names that carry a call's batch (its first dimension), most specific first.
@@ -219,6 +228,7 @@ class PeftModel(nn.Module):
         self._steps: dict[str, int] = {}
         self._routings = RecentCache(size=8)  # adapter_names -> Routing, for repeated calls
         self._merge_log: dict[str, list[tuple[nn.Module, nn.Module, dict[str, torch.Tensor] | None]]] = {}
+        self._merge_errors: dict[str, dict[str, float]] = {}  # merge into 4-bit layers (merge_report)
         self._state = AdapterState()
         self._dispatchers: dict[str, Dispatcher] = {}
         self._base_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -612,10 +622,12 @@ class PeftModel(nn.Module):
             h.load_state_dict(hs)
 
     # -- merging --------------------------------------------------------------------------------
-    def merge(self, adapter_names: Sequence[str] | None = None) -> None:
+    def merge(self, adapter_names: Sequence[str] | None = None) -> dict[str, float]:
         """Fold adapters into the base weights: W <- W + ΔW for every mergeable delta.
 
-        Merged adapters are skipped by the hooks, so outputs are unchanged (up to rounding)."""
+        Merged adapters are skipped by the hooks, so outputs are unchanged (up to rounding). A
+        4-bit base layer is dequantized, added to and requantized: returns {module: requantization
+        error} for those (also in :attr:`merge_report`), empty for a float base."""
         names = list(adapter_names) if adapter_names is not None else list(self._state.active)
         self._require(names)
         block = self._state.composition
@@ -633,21 +645,39 @@ class PeftModel(nn.Module):
                     raise RuntimeError(
                         f"adapter {name!r}: {type(delta).__name__} at {module_name or 'model level'!r} cannot be merged"
                     )
-            log = []
+            log, errors = [], {}
             with torch.no_grad():
                 for _, module_name, delta in sorted(placement, key=lambda t: _SITE_ORDER[t[2].site]):
                     base = self.model.get_submodule(module_name)
                     dparams = delta.delta_params(base)
                     for pname, dp in dparams.items():
-                        target = base.get_parameter(pname)
-                        target.add_(dp.to(device=target.device, dtype=target.dtype))
+                        err = add_to_param(base, pname, dp)  # a 4-bit weight is requantized: err
+                        if err is not None:
+                            errors[module_name] = max(err, errors.get(module_name, 0.0))
                     log.append((base, delta, dparams if delta.merge_uses_base else None))
             self._merge_log[name] = log
             self._state.merged.append(name)
+            if errors:
+                self._merge_errors[name] = errors
+                _log.info("merge %r into 4-bit layers: max requantization error %.3g", name, max(errors.values()))
         self._state.touch()
+        return {m: e for n in names for m, e in self._merge_errors.get(n, {}).items()}
 
-    def unmerge(self) -> None:
-        """Undo ``merge``: W <- W - ΔW, newest adapter first (base restored up to float rounding)."""
+    @property
+    def merge_report(self) -> dict[str, dict[str, float]]:
+        """{merged adapter: {4-bit module: max |deq(q(W + ΔW)) − (W + ΔW)|}}: merging into a
+        quantized base requantizes its weights, and this is how far the merged layer is from the
+        float merge. Empty when nothing merged into a 4-bit layer (a float merge is exact)."""
+        return {n: dict(e) for n, e in self._merge_errors.items() if n in self._state.merged}
+
+    def unmerge(self) -> dict[str, float]:
+        """Undo ``merge``: W <- W - ΔW, newest adapter first (base restored up to float rounding).
+
+        A 4-bit layer is requantized again, so it is restored within the two requantization errors
+        (merge's, in :attr:`merge_report`, plus unmerge's), not bit for bit: returns {module:
+        unmerge's requantization error} for those, empty for a float base."""
+        errors: dict[str, float] = {}
+        names = {id(m): n for n, m in self.model.named_modules()} if self._merge_errors else {}
         if self._state.merged:
             self._follow_base(everywhere=True)
         with torch.no_grad():
@@ -655,10 +685,14 @@ class PeftModel(nn.Module):
                 for base, delta, kept in reversed(self._merge_log.pop(name)):
                     dparams = kept if kept is not None else delta.delta_params(base)
                     for pname, dp in dparams.items():
-                        target = base.get_parameter(pname)
-                        target.sub_(dp.to(device=target.device, dtype=target.dtype))
+                        err = add_to_param(base, pname, -dp)
+                        if err is not None:
+                            key = names.get(id(base), "")
+                            errors[key] = max(err, errors.get(key, 0.0))
+                self._merge_errors.pop(name, None)
         self._state.merged = []
         self._state.touch()
+        return errors
 
     def unload(self) -> nn.Module:
         """Remove every hook (unmerging first) and give back the base model as it was."""
@@ -892,6 +926,8 @@ def apply(
             cfg = UnionConfig([cfg.parts[0].replace(**overrides), *cfg.parts[1:]])
         else:
             cfg = cfg.replace(**overrides)
+    if isinstance(cfg, BaseChangingConfig):  # e.g. qlora: quantizes the base, then places LoRA
+        return cfg.apply_to(model, adapter_name)
     placement = build_placement(model.model if isinstance(model, PeftModel) else model, cfg)
     pm = model if isinstance(model, PeftModel) else PeftModel(model)
     pm._check_new_name(adapter_name)

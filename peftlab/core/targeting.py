@@ -2,7 +2,7 @@
 
 Rules (see :class:`peftlab.core.config.AdapterConfig`): an entry matches a module whose full name
 equals it or ends with ``"." + entry``; ``re:<regex>`` is a full match on the name; ``all-linear``
-is every linear layer (``nn.Linear`` or GPT-2's ``Conv1D``) except the output head. Then
+is every linear layer (``nn.Linear``, 4-bit ``Linear4bit``, GPT-2's ``Conv1D``) except the output head. Then
 ``layers``, ``module_types`` and ``exclude`` filter the result.
 """
 
@@ -25,7 +25,8 @@ class TargetError(ValueError):
 
 
 def is_linear(module: nn.Module) -> bool:
-    """``nn.Linear`` or a transposed ``Conv1D`` (GPT-2), recognised by class name to avoid imports."""
+    """``nn.Linear`` (bitsandbytes' 4-bit ``Linear4bit`` is one: a quantized base is targeted as the
+    float one was) or a transposed ``Conv1D`` (GPT-2), recognised by class name to avoid imports."""
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 

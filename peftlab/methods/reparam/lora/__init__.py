@@ -6,6 +6,7 @@ DoRA (Liu et al. 2024; seed 002 eq. 17-18):  W' = m ⊙ (W0 + s B A) / ‖W0 + s
     computed as  h = W0 x + (m/n − 1) ⊙ W0 x + (m/n) ⊙ s B A x  with n = ‖W0 + s B A‖_row detached.
 LoRA-FA (Zhang et al. 2023): A frozen (orthogonal random rows), only B trained; A's input is never
     kept for backward, which is where its memory saving comes from.
+LoftQ (Li et al. 2023): on a 4-bit base, A, B absorb the quantization error (``loftq.py``; ``qlora[init=loftq]``).
 PiSSA / OLoRA: A, B start from the top-r SVD (resp. QR) factors of W0. Hugging Face PEFT overwrites W0
     with the residual W0 − s B₀A₀; we never touch the base (DESIGN.md principle 1) and subtract the
     frozen initial product instead: h = W0 x + s (B A − B₀ A₀) x. The function is the same, so files
@@ -17,6 +18,7 @@ The package, by concern:
     config.py      LoraConfig, DoraConfig, LoraFaConfig, INITS, DEFAULT_TARGETS, the scale
     peft_file.py   PEFT's ``adapter_config.json`` fields, both ways
     functional.py  the math as pure functions (dropout mask, A · dropout(x), Δh, PiSSA/OLoRA factors)
+    loftq.py       LoftQ's alternation of quantization and SVD (the init of qlora[init=loftq])
     deltas.py      LoraLinear, DoraLinear, LoraEmbedding, LoraConv2d
     routing.py     mixed batches: gathered / stacked weights, cached per routing
     __init__.py    the builder and the three registrations
@@ -26,7 +28,9 @@ from __future__ import annotations
 
 from torch import nn
 
+from peftlab.core.config import ConfigError
 from peftlab.core.delta import Delta
+from peftlab.core.quantized import is_4bit
 from peftlab.core.gate import gated
 from peftlab.core.layers import is_adaptable_layer, layer_info
 from peftlab.core.registry import PeftFormat, register_method
@@ -46,11 +50,13 @@ __all__ = [
 def _build(model: nn.Module, cfg: LoraConfig) -> dict[str, Delta]:
     if cfg.method == "dora":
         accept, what = is_linear, "Linear or Conv1D layer (DoRA)"
-    elif cfg.init in ("pissa", "olora") or cfg.method == "lora_fa":
+    elif cfg.init in ("pissa", "olora", "loftq") or cfg.method == "lora_fa":
         accept, what = is_linear, f"Linear or Conv1D layer ({cfg.method}, init={cfg.init})"
     else:
         accept, what = is_adaptable_layer, "Linear, Conv1D, Embedding or Conv2d layer"
     modules = select_modules(model, cfg, default=DEFAULT_TARGETS, accept=accept, what=what)
+    if cfg.init == "loftq":
+        _check_loftq(cfg, modules)
     placed: dict[str, Delta] = {}
     for name, module in modules.items():
         kind = layer_info(module).kind
@@ -63,6 +69,19 @@ def _build(model: nn.Module, cfg: LoraConfig) -> dict[str, Delta]:
         else:
             placed[name] = LoraLinear(module, cfg)
     return gated(model, placed, cfg.gate)
+
+
+def _check_loftq(cfg: LoraConfig, modules: dict[str, nn.Module]) -> None:
+    """``init=loftq`` builds plain LoRA deltas (B = 0) on 4-bit layers, whose LoftQ factors are then
+    written by ``qlora[init=loftq]`` (it has the float weights) or loaded from a file (config.py)."""
+    if cfg.method != "lora":
+        raise ConfigError(f"{cfg.method}: init=loftq is a LoRA init (qlora[init=loftq]); {cfg.method} cannot use it")
+    floats = [n for n, m in modules.items() if not is_4bit(m)]
+    if floats:
+        raise ConfigError(
+            f"lora init=loftq: {floats[0]!r} is a float layer. LoftQ chooses a layer's 4-bit weights and its LoRA "
+            "factors together from the float weights: use peftlab.apply(float_model, 'qlora[init=loftq,...]'), "
+            "which quantizes the model as it initialises the adapter")
 
 
 # PEFT writes DoRA and LoRA-FA's files as LORA (DoRA with use_dora=true): lora's reader turns them

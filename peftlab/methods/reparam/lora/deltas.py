@@ -23,6 +23,7 @@ from torch import nn
 from peftlab.core.config import ConfigError
 from peftlab.core.delta import Delta
 from peftlab.core.layers import layer_info, to_module_layout, weight_out_in
+from peftlab.core.quantized import logical_numel
 from peftlab.methods.reparam.lora.functional import lora_delta, principal_factors, without_bias
 from peftlab.methods.reparam.lora.routing import routed_lora
 
@@ -114,7 +115,7 @@ class DoraLinear(LoraLinear):
         self.lora_magnitude_vector = nn.Parameter(norm.clone())
 
     def _weight_norm(self) -> torch.Tensor:
-        w = weight_out_in(self.base_layer).to(self.lora_A.weight.dtype)
+        w = weight_out_in(self.base_layer).to(device=self.lora_A.weight.device, dtype=self.lora_A.weight.dtype)
         return torch.linalg.vector_norm(w + self.delta_out_in().detach(), dim=1)
 
     def magnitude_ratio(self) -> torch.Tensor:
@@ -143,7 +144,7 @@ class DoraLinear(LoraLinear):
         return {"weight": to_module_layout(base, new - w)}
 
     def changed_params(self, base: nn.Module) -> int:
-        return base.weight.numel()
+        return logical_numel(base.weight)
 
 
 class LoraEmbedding(Delta):

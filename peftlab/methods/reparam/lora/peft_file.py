@@ -64,6 +64,8 @@ def config_to_peft(cfg: LoraConfig, placed: Mapping[str, nn.Module] | None = Non
         "use_rslora": cfg.rslora,
         "use_dora": cfg.method == "dora",
         "init_lora_weights": {"kaiming": True}.get(cfg.init, cfg.init),
+        # PEFT's LoftQConfig: 4-bit (NF4) is the only kind peftlab quantizes to.
+        "loftq_config": {"loftq_bits": 4, "loftq_iter": cfg.loftq_iter} if cfg.init == "loftq" else {},
         "modules_to_save": modules_to_save_to_peft(cfg.modules_to_save, placed),
         "bias": "none",
         "fan_in_fan_out": fan_in_fan_out,
@@ -89,13 +91,14 @@ _PEFT_PLAIN_INITS = {"eva": "kaiming", "orthogonal": "kaiming", "mica": "kaiming
 def _init_from_peft(init: Any) -> str:
     if init in (True, False, None):
         return "kaiming"
-    if isinstance(init, str) and init.lower() in ("pissa", "olora"):
+    if isinstance(init, str) and init.lower() in ("pissa", "olora", "loftq"):
         return init.lower()
     if isinstance(init, str) and init.lower() in _PEFT_PLAIN_INITS:
         return _PEFT_PLAIN_INITS[init.lower()]
     raise ConfigError(
         f"PEFT init_lora_weights={init!r} is not supported: PEFT rewrites the base weights with a residual that "
-        "peftlab cannot recompute from the base alone (supported: true, false, gaussian, pissa, olora, eva, orthogonal)"
+        "peftlab cannot recompute from the base alone (supported: true, false, gaussian, pissa, olora, loftq, eva, "
+        "orthogonal)"
     )
 
 
@@ -107,6 +110,9 @@ def config_from_peft(d: dict[str, Any]) -> LoraConfig:
     if d.get("bias", "none") not in ("none", None):
         raise ConfigError(f"PEFT field bias={d['bias']!r} is not supported yet (only 'none')")
     init = _init_from_peft(d.get("init_lora_weights", True))
+    loftq = (d.get("loftq_config") or {}) if init == "loftq" else {}
+    if loftq.get("loftq_bits", 4) != 4:
+        raise ConfigError(f"PEFT loftq_config.loftq_bits={loftq['loftq_bits']} is not supported (peftlab's LoftQ is 4-bit NF4)")
     cls = DoraConfig if d.get("use_dora") else LoraConfig
     return cls(
         r=int(d["r"]),
@@ -114,6 +120,7 @@ def config_from_peft(d: dict[str, Any]) -> LoraConfig:
         dropout=float(d.get("lora_dropout", 0.0)),
         rslora=bool(d.get("use_rslora", False)),
         init=init,
+        loftq_iter=int(loftq.get("loftq_iter", 1)),
         targets=targets_from_peft(d.get("target_modules")),
         exclude=targets_from_peft(d.get("exclude_modules")),
         layers=d.get("layers_to_transform"),
