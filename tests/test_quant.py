@@ -324,6 +324,14 @@ def test_qlora_string_quantizes_then_places_lora(tmp_path):
     assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "LORA"
 
 
+def test_qlora_on_the_command_line_uses_loras_declarations():
+    from peftlab.core.config import adapter_method
+    from peftlab.train.cli import method_default_lr
+
+    assert adapter_method(peftlab.parse_method_string("qlora[r=8]")) == "lora"
+    assert method_default_lr("qlora[r=8]") == peftlab.get_method("lora").default_lr
+
+
 def test_qlora_refusals():
     with pytest.raises(ConfigError, match="cannot be part of a union"):
         peftlab.parse_method_string("qlora[r=4]+ia3")

@@ -141,9 +141,18 @@ class BaseChangingConfig(AdapterConfig):
     form is registered with :func:`register_form` and parsed by the string grammar; it cannot be
     part of a union nor added to a model that has adapters already."""
 
+    def adapter_config(self) -> AdapterConfig:
+        """The registered method's config of the adapter the form places (what ``pm.configs`` holds)."""
+        raise NotImplementedError
+
     def apply_to(self, model: Any, adapter_name: str) -> Any:
         """Change ``model`` as the form says and attach the adapter; returns the ``PeftModel``."""
         raise NotImplementedError
+
+
+def adapter_method(cfg: AdapterConfig) -> str:
+    """The registered method ``cfg`` places: its own, or for a form (``qlora``) its adapter's (``lora``)."""
+    return cfg.adapter_config().method if isinstance(cfg, BaseChangingConfig) else cfg.method
 
 
 #: Registered config forms (name -> class): ``register_form``.

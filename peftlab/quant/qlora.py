@@ -54,7 +54,7 @@ class QLoraConfig(LoraConfig, BaseChangingConfig):
         if isinstance(self.skip, str):
             self.skip = [self.skip]
 
-    def lora_config(self) -> LoraConfig:
+    def adapter_config(self) -> LoraConfig:
         """The plain LoRA config of the adapter this form places (what ``pm.configs`` holds)."""
         return LoraConfig(**{name: getattr(self, name) for name in LoraConfig.field_names()})
 
@@ -65,7 +65,7 @@ class QLoraConfig(LoraConfig, BaseChangingConfig):
             raise QuantizationError(
                 "qlora quantizes the base model, so it is applied to a plain model: quantize first "
                 "(peftlab.quant.quantize(model)) and add LoRA adapters with pm.add_adapter(name, 'lora[...]')")
-        lora = self.lora_config()
+        lora = self.adapter_config()
         quant: dict[str, Any] = dict(kind=self.quant_type, skip=self.skip, double_quant=self.double_quant,
                                      compute_dtype=self.compute_dtype)
         factors: dict[str, LoftQFactors] = {}

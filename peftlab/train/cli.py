@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import peftlab
-from peftlab.core.config import config_parts, parse_method_string
+from peftlab.core.config import adapter_method, config_parts, parse_method_string
 from peftlab.core.io import PEFTLAB_CONFIG_NAME
 from peftlab.core.registry import get_method
 from peftlab.train.examples import DataError, Examples
@@ -174,7 +174,7 @@ def method_default_lr(method: str) -> float:
     ``a[...]+b[...]``, that of its first part)."""
     with user_errors(ValueError, KeyError):
         first = config_parts(parse_method_string(method))[0]
-        return get_method(first.method).default_lr
+        return get_method(adapter_method(first)).default_lr  # qlora[...]: lora's
 
 
 def run_train(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
@@ -200,7 +200,7 @@ def run_train(args: argparse.Namespace, argv: Sequence[str] | None = None) -> in
     model, tokenizer = _load_model(args.model, train_ex)
     with user_errors(ValueError):  # NotApplicableError (bitfit on Llama...) before the first evaluation
         for part in parts:
-            get_method(part.method).check_applicable(model)
+            get_method(adapter_method(part)).check_applicable(model)
     with user_errors(ValueError):
         train_loader = make_loader(train_ex, tokenizer, args.batch_size, args.max_length, shuffle=True, seed=args.seed)
         eval_loader = make_loader(eval_ex, tokenizer, args.batch_size, args.max_length)
