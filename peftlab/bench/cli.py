@@ -1,5 +1,6 @@
 """``peftlab bench ...``: the benchmark's command line. ``peftlab bench lora`` compares peftlab with
-Hugging Face PEFT on LoRA/DoRA training steps, inference and mixed-adapter batches.
+Hugging Face PEFT on LoRA/DoRA training steps, inference and mixed-adapter batches; ``peftlab bench
+methods`` runs every registered method under one budget (:mod:`peftlab.bench.standard_cli`).
 
     peftlab bench lora [--models smollm2,minilm] [--steps N] [--out runs/bench_lora.json]
                        [--quick] [--only train|infer|mixed] [--threads N] [--device auto|cpu|cuda]
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from peftlab.bench import standard_cli
 from peftlab.bench.models import SPECS
 from peftlab.bench.suite import SECTIONS, Options
 from peftlab.train.cli import CliError, DefaultsHelpFormatter, check_device
@@ -32,7 +34,7 @@ def _csv(choices: Sequence[str], what: str):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftlab bench", description="Benchmarks: peftlab vs Hugging Face PEFT.",
                                      formatter_class=DefaultsHelpFormatter)
-    sub = parser.add_subparsers(dest="bench", required=True, metavar="{lora}")
+    sub = parser.add_subparsers(dest="bench", required=True, metavar="{lora,methods}")
     lora = sub.add_parser("lora", help="LoRA/DoRA: train step, inference, mixed-adapter batches",
                           description="LoRA/DoRA training steps, inference (merged and unmerged) and mixed-adapter "
                                       "batches, peftlab and PEFT side by side in one run.",
@@ -55,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--from-json", help=argparse.SUPPRESS)  # re-print (and re-plot) a report, run nothing
     lora.add_argument("--no-plot", action="store_true", help="do not write the plot")
     lora.add_argument("--quiet", action="store_true", help="no progress bar")
+    standard_cli.add_parser(sub)
     return parser
 
 
@@ -70,7 +73,10 @@ def _warn_if_busy(threads: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``peftlab bench`` with ``argv`` (without the leading ``bench``); returns the exit status."""
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.bench == "methods":
+        return standard_cli.main(args, argv[1:])
     if args.steps < 1:
         print("peftlab bench: error: --steps must be at least 1", file=sys.stderr)
         return 2

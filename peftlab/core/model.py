@@ -314,7 +314,9 @@ class PeftModel(nn.Module):
         for part, pcfg in enumerate(union_parts(cfg)):
             spec = get_method(pcfg.method)
             if spec.training is not None:
-                hooks.append(spec.training(pcfg, {m: d for k, m, d in placement if k == part}))
+                # The method's own deltas: a head copied for modules_to_save is core's, not the method's.
+                own = {m: d for k, m, d in placement if k == part and not isinstance(d, HeadCopy)}
+                hooks.append(spec.training(pcfg, own))
         if hooks:
             self._training[adapter_name] = hooks
             self._steps[adapter_name] = 0
