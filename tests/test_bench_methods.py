@@ -161,6 +161,13 @@ def test_a_worker_that_overruns_is_killed_and_its_run_recorded(tmp_path):
     got.clear()
     WorkerPool(1, tmp_path / "logs", fresh=True, timeout=120).run([job, {**job, "seed": 1}], lambda j, r: got.append(r))
     assert [r["status"] for r in got] == ["ok", "ok"] and got[0]["pid"] != got[1]["pid"]  # a process per run
+    # A persistent worker runs jobs one after another in one process: a run after other runs gives
+    # what the same run gives alone in a fresh process (fresh model, every generator seeded).
+    from peftlab.bench.standard_run import run_one
+
+    run_one({**job, "method": "ia3", "seed": 3})
+    again = run_one(job)
+    assert again["loss_curve"] == got[0]["loss_curve"] and again["metric_after"] == got[0]["metric_after"]
 
 
 def test_user_data_files_as_in_peftlab_train(tmp_path):

@@ -61,7 +61,7 @@ PRESETS: dict[str, Preset] = {
                     note="tiny random models (hash tokenizer) on a synthetic sentiment task: checks the pipeline, "
                          "not the methods"),
     # About an hour on the project's 2-core CPU machine.
-    "glue-small": Preset(("minilm",), ("glue_sst2", "glue_mrpc", "glue_rte", "glue_stsb"), 1, 100, 16, 128, 1600, 256,
+    "glue-small": Preset(("minilm",), ("glue_sst2", "glue_mrpc", "glue_rte", "glue_stsb"), 1, 80, 16, 128, 1600, 256,
                          note="MiniLM (22.7M), four GLUE tasks subsampled (1,600 train examples, 256 eval)"),
     # The full grid: meant for a GPU (or days of CPU).
     "full": Preset(("minilm", "smollm2"), ("glue_sst2", "glue_mrpc", "glue_rte", "glue_stsb", "glue_qnli",

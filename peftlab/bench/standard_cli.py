@@ -15,7 +15,7 @@ from typing import Any
 
 from peftlab.bench.standard import PRESETS, Options, latest, read_results, run
 from peftlab.bench.standard_run import FULL
-from peftlab.train.cli import CliError, DefaultsHelpFormatter, check_device, one_line
+from peftlab.train.cli import CliError, DefaultsHelpFormatter, add_data_arguments, check_device, one_line
 
 HELP = "every registered method x models x tasks x seeds under one budget (report.md, results.jsonl, plots)"
 
@@ -39,12 +39,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                                     "Face model directory (default: the preset's)")
     p.add_argument("--tasks", help="comma-separated registered tasks (sst2, mrpc, rte, stsb, qnli, mnli, qqp) or smoke "
                                    "(default: the preset's; with --data, only your task unless --tasks is given)")
-    p.add_argument("--data", help="your own train file (.csv, .tsv, .jsonl, .json), as in peftlab train")
-    p.add_argument("--eval-data", help="your own eval file (default: 10%% of --data held out)")
-    p.add_argument("--text-cols", help="one or two comma-separated text columns of --data")
-    p.add_argument("--label-col", help="label column of --data")
-    p.add_argument("--label-kind", choices=("auto", "classification", "regression"), default="auto",
-                   help="how to read --data labels")
+    add_data_arguments(p, "as a task of its own (read as peftlab train reads it)")
     p.add_argument("--data-name", help="the task's name in the report (default: the file's stem)")
     p.add_argument("--seeds", type=int, help="seeds 0..N-1 per cell (default: the preset's)")
     p.add_argument("--steps", type=int, help="optimizer steps per run (default: the preset's)")

@@ -105,12 +105,7 @@ def add_train_arguments(train: argparse.ArgumentParser) -> None:
     train.add_argument("--model", default="minilm", help="zoo name (minilm, smollm2) or a Hugging Face model directory")
     train.add_argument("--task", help=f"registered task: {', '.join(TASKS)}; the glue_ prefix, case and '-' may be "
                                       "left out (sst2, SST-2 and glue_sst2 are one task; mnli is glue_mnli_subset)")
-    train.add_argument("--data", help="your own train file (.csv, .tsv, .jsonl, .json) instead of --task")
-    train.add_argument("--eval-data", help="your own eval file (default: 10%% of --data held out)")
-    train.add_argument("--text-cols", help="one or two comma-separated text columns of --data")
-    train.add_argument("--label-col", help="label column of --data")
-    train.add_argument("--label-kind", choices=("auto", "classification", "regression"), default="auto",
-                       help="how to read --data labels (auto: non-integral numbers mean regression)")
+    add_data_arguments(train, "instead of --task")
     train.add_argument("--method", default="lora[r=8]", help='method string, e.g. "lora[r=8,alpha=16]"')
     train.add_argument("--out", required=True, help="directory for the adapter and report.json")
     train.add_argument("--epochs", type=int, default=1, help="passes over the training data")
@@ -132,6 +127,17 @@ def add_train_arguments(train: argparse.ArgumentParser) -> None:
                        help="auto (cuda when available, else cpu), cpu, cuda, cuda:N or mps; a device this machine "
                             "lacks is an error")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, data_note: str) -> None:
+    """``--data``, ``--eval-data``, ``--text-cols``, ``--label-col``, ``--label-kind``: a user's own
+    files, read by :func:`_load_data` (``peftlab train`` and ``peftlab bench methods`` share them)."""
+    parser.add_argument("--data", help=f"your own train file (.csv, .tsv, .jsonl, .json) {data_note}")
+    parser.add_argument("--eval-data", help="your own eval file (default: 10%% of --data held out)")
+    parser.add_argument("--text-cols", help="one or two comma-separated text columns of --data")
+    parser.add_argument("--label-col", help="label column of --data")
+    parser.add_argument("--label-kind", choices=("auto", "classification", "regression"), default="auto",
+                        help="how to read --data labels (auto: non-integral numbers mean regression)")
 
 
 def add_info_arguments(info: argparse.ArgumentParser) -> None:
