@@ -143,10 +143,12 @@ def test_find_data_dir_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 
 def test_find_data_dir_from_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("PEFTLAB_DATA", raising=False)
-    monkeypatch.chdir(tmp_path)  # nothing above a temp dir
-    expected = next((p / "shared" / "data" for p in Path(data.__file__).resolve().parents
-                     if (p / "shared" / "data").is_dir()), None)
-    assert find_data_dir() == expected
+    monkeypatch.chdir(tmp_path)
+    # The rule: the first shared/data above the current directory (normally none above a temp dir,
+    # but a machine may have one), else the first one above the package.
+    above = [*Path(tmp_path).resolve().parents, *Path(data.__file__).resolve().parents]
+    expected = next((p / "shared" / "data" for p in above if (p / "shared" / "data").is_dir()), None)
+    assert expected is not None and find_data_dir() == expected
 
 
 # -- the hub fallback ---------------------------------------------------------------------------
