@@ -43,6 +43,7 @@ class _Worker:
     proc: subprocess.Popen
     log: Path
     log_file: IO[bytes]
+    slot: int
     job: Job | None = None
     started: float = 0.0
     done: int = 0
@@ -59,7 +60,7 @@ class WorkerPool:
             raise ValueError(f"a pool needs at least one worker, got {size}")
         self.size, self.threads, self.fresh, self.timeout = size, threads, fresh, timeout
         self.log_dir = Path(log_dir)
-        self._serial = 0
+        self._free = list(range(1, size + 1))  # one log per slot; a replacement worker appends to it
 
     def _env(self) -> dict[str, str]:
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
@@ -70,16 +71,15 @@ class WorkerPool:
 
     def _start(self) -> _Worker:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self._serial += 1
-        log = self.log_dir / f"worker-{self._serial}.log"
-        log_file = open(log, "wb")  # noqa: SIM115 - closed in _stop
+        slot = self._free.pop(0)
+        log = self.log_dir / f"worker-{slot}.log"
+        log_file = open(log, "ab")  # noqa: SIM115 - closed in _stop
         cmd = [sys.executable, "-m", "peftlab.bench.workers"] + (["--max-jobs", "1"] if self.fresh else [])
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file,
                                 env=self._env())
-        return _Worker(proc, log, log_file)
+        return _Worker(proc, log, log_file, slot)
 
-    @staticmethod
-    def _stop(worker: _Worker, kill: bool = False) -> None:
+    def _stop(self, worker: _Worker, kill: bool = False) -> None:
         try:
             if worker.proc.stdin:
                 worker.proc.stdin.close()
@@ -93,6 +93,7 @@ class WorkerPool:
             worker.proc.kill()
             worker.proc.wait()
         worker.log_file.close()
+        self._free = sorted([*self._free, worker.slot])
 
     @staticmethod
     def _send(worker: _Worker, job: Job) -> None:
