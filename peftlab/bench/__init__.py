@@ -14,4 +14,13 @@ Modules:
 * :mod:`~peftlab.bench.worker` -- the entry point of a fresh subprocess;
 * :mod:`~peftlab.bench.targets` -- the issue's targets, evaluated on the results;
 * :mod:`~peftlab.bench.table` -- the printed table and the plot.
+
+``peftlab bench methods`` (the standard benchmark: every registered method under one budget):
+
+* :mod:`~peftlab.bench.standard_cli` -- its command line;
+* :mod:`~peftlab.bench.standard` -- presets, the plan, results.jsonl, re-runs;
+* :mod:`~peftlab.bench.standard_run` -- one run (data, model, method, training, record);
+* :mod:`~peftlab.bench.workers` -- the pool of worker processes;
+* :mod:`~peftlab.bench.standard_report` -- report.md and the plots;
+* :mod:`~peftlab.bench.smoke` -- tiny models, hash tokenizer and synthetic task of the smoke preset.
 """
