@@ -32,6 +32,7 @@ def _csv(choices: Sequence[str], what: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``peftlab bench`` argument parser (subcommands ``lora`` and ``methods``)."""
     parser = argparse.ArgumentParser(prog="peftlab bench", description="Benchmarks: peftlab vs Hugging Face PEFT.",
                                      formatter_class=DefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="bench", required=True, metavar="{lora,methods}")

@@ -404,6 +404,7 @@ def as_config(spec: "str | AdapterConfig | UnionConfig | dict | Any") -> Adapter
 
 
 def config_parts(cfg: AdapterConfig | UnionConfig) -> list[AdapterConfig]:
+    """The part configs of a union, or ``[cfg]`` for a single config (a hybrid stays one part)."""
     return list(cfg.parts) if isinstance(cfg, UnionConfig) else [cfg]
 
 

@@ -19,6 +19,8 @@ from peftlab.core.quantized import dequantize, is_4bit, requantize
 
 @dataclass(frozen=True)
 class LayerInfo:
+    """What a delta needs to know of a base layer: its kind and its input/output sizes."""
+
     kind: str  # "linear" | "conv1d" (GPT-2, transposed) | "embedding" | "conv2d"
     in_features: int
     out_features: int
@@ -79,6 +81,7 @@ def add_to_param(module: nn.Module, name: str, delta: torch.Tensor) -> float | N
 
 
 def is_adaptable_layer(module: nn.Module) -> bool:
+    """Whether ``layer_info`` understands ``module`` (Linear, Conv1D, Embedding, Conv2d, Linear4bit)."""
     try:
         layer_info(module)
         return True
