@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftlab.train.examples import GENERATIVE_KINDS
 from peftlab.train.metrics import compute_metrics
 
 Batch = dict[str, torch.Tensor]
@@ -57,13 +58,19 @@ def forward_loss(model: nn.Module, batch: Batch, kind: str | None,
     if loss is None:
         if logits is None or "labels" not in batch:
             raise ValueError("model output has neither a loss nor logits and labels to compute one")
-        labels = batch["labels"]
-        if kind == "regression" or labels.is_floating_point():
-            loss = nn.functional.mse_loss(logits.float().reshape(-1), labels.float().reshape(-1))
-        else:
-            loss = nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                               labels.reshape(-1))
+        loss = loss_from_logits(logits, batch["labels"], kind)
     return loss, logits
+
+
+def loss_from_logits(logits: torch.Tensor, labels: torch.Tensor, kind: str | None,
+                     reduction: str = "mean") -> torch.Tensor:
+    """The loss a sequence-classification head gives, in float32: MSE of ``logits.reshape(-1)``
+    against the labels for regression (or float labels), else cross-entropy over the last dim;
+    ``reduction`` as in torch (``"sum"``: Σ over rows, for a mean taken over several calls)."""
+    if kind == "regression" or labels.is_floating_point():
+        return nn.functional.mse_loss(logits.float().reshape(-1), labels.float().reshape(-1), reduction=reduction)
+    return nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                       reduction=reduction)
 
 
 def _first_attr(objects: Sequence[Any], name: str) -> Any:
@@ -100,10 +107,17 @@ def evaluate_model(model: nn.Module, loader: Iterable[Mapping[str, Any]], device
 
     Classification predictions are the argmax of the logits, regression predictions the logits
     squeezed to one value per example. ``mixed_precision=None`` means bf16 where the device has it.
-    Returns ``{"loss", <metric>..., "examples", "eval_time_s"}``.
+    Returns ``{"loss", <metric>..., "examples", "eval_time_s"}`` plus, so that a model that answers
+    one class for everything shows, ``predicted_class_counts`` (examples per predicted class id;
+    classification) or ``prediction_std`` (regression). A causal-lm or seq2seq eval set
+    (``kind``, or its dataset's) is scored by :func:`~peftlab.train.generative_eval.evaluate_generative`.
     """
     device = torch.device(device)
     amp = bf16_available(device) if mixed_precision is None else mixed_precision
+    if (kind or getattr(getattr(loader, "dataset", None), "kind", None)) in GENERATIVE_KINDS:
+        from peftlab.train.generative_eval import evaluate_generative  # noqa: PLC0415 - it imports this module
+
+        return evaluate_generative(model, loader, device, amp)
     was_training = model.training
     model.eval()
     start = time.perf_counter()
@@ -134,7 +148,12 @@ def evaluate_model(model: nn.Module, loader: Iterable[Mapping[str, Any]], device
     if count == 0:
         raise ValueError("evaluation loader is empty")
     result: dict[str, Any] = {"loss": total_loss / count}
-    result.update(compute_metrics(names, torch.cat(preds).numpy(), torch.cat(labels).numpy()))
+    predicted = torch.cat(preds)
+    result.update(compute_metrics(names, predicted.numpy(), torch.cat(labels).numpy()))
+    if kind == "regression":
+        result["prediction_std"] = float(predicted.std(unbiased=False))
+    else:
+        result["predicted_class_counts"] = torch.bincount(predicted, minlength=int(logits.shape[-1])).tolist()
     result["examples"] = count
     result["eval_time_s"] = time.perf_counter() - start
     return result
