@@ -13,6 +13,7 @@ merge-and-unload are then done once, generically, by the container.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from typing import Any, ClassVar, Sequence
 
@@ -101,25 +102,36 @@ def per_row(values: Sequence[torch.Tensor | None], slot: torch.Tensor, fill: tor
 
 class RecentCache:
     """A dict that keeps only its ``size`` most recently used entries (caches of stacked or
-    gathered adapter weights for mixed batches: a server alternates between a few routings)."""
+    gathered adapter weights for mixed batches: a server alternates between a few routings).
+    Safe to share between threads (calls of one model in flight at once)."""
 
     def __init__(self, size: int = 4):
         self.size = size
         self._items: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
 
     def get(self, key: Any) -> Any:
         """The value for ``key`` (marking it most recent), or None."""
-        if key in self._items:
-            self._items.move_to_end(key)
-            return self._items[key]
-        return None
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            return None
 
     def put(self, key: Any, value: Any) -> None:
         """Store ``value``; the least recently used entry goes when over ``size``."""
-        self._items[key] = value
-        self._items.move_to_end(key)
-        while len(self._items) > self.size:
-            self._items.popitem(last=False)
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+    def __getstate__(self) -> dict[str, Any]:  # deepcopy / pickle: a lock cannot be copied
+        return {"size": self.size, "_items": OrderedDict(self._items)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
 
 def broadcast_rows(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

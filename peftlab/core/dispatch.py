@@ -16,6 +16,7 @@ casts this module's deltas, or raises a clear error (``core/follow.py``).
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,20 +37,52 @@ class Routing:
     slot: torch.Tensor
 
 
+_UNSET = object()
+
+
 @dataclass
 class AdapterState:
-    """What is active, shared by the container and all its dispatchers."""
+    """What is active, shared by the container and all its dispatchers.
+
+    ``routing`` (the per-row adapters of the call in progress) belongs to the call, not to the
+    model: it is held in a :class:`contextvars.ContextVar`, so calls in several threads (or asyncio
+    tasks) each see their own. A thread that never set it (autograd's worker thread re-running a
+    checkpointed layer in backward) sees the routing the last checkpointed training call kept
+    (:meth:`keep_for_backward`)."""
 
     active: list[str] = field(default_factory=list)
     #: The active tree of blocks (``core/composition.py``), or None: ``active`` combined as a list.
     composition: Any = None
     merged: list[str] = field(default_factory=list)
     disabled: bool = False
-    routing: Routing | None = None
     version: int = 0
+    _routing: ContextVar = field(default_factory=lambda: ContextVar("peftlab_routing", default=_UNSET),
+                                 repr=False, compare=False)
+    _kept: Routing | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def routing(self) -> Routing | None:
+        """The per-row routing of the current call (this thread's / task's), or None."""
+        value = self._routing.get()
+        return self._kept if value is _UNSET else value
+
+    @routing.setter
+    def routing(self, value: Routing | None) -> None:
+        self._routing.set(value)
+
+    def keep_for_backward(self, routing: Routing) -> None:
+        """Keep ``routing`` for threads that never set one: a checkpointed training step's backward
+        re-runs the hooks, possibly in autograd's own thread, after the call returned."""
+        self._kept = routing
 
     def touch(self) -> None:
         self.version += 1
+
+    def __getstate__(self) -> dict[str, Any]:  # deepcopy / pickle: a call's routing is not copied
+        return {k: v for k, v in self.__dict__.items() if k not in ("_routing", "_kept")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _routing=ContextVar("peftlab_routing", default=_UNSET), _kept=None)
 
 
 def _split_input(args: tuple, kwargs: dict) -> tuple[torch.Tensor, Any]:
@@ -70,11 +103,10 @@ class Dispatcher:
         self.module = module
         self.state = state
         self.deltas: dict[str, list[Delta]] = {}
-        self._cache_version = -1
-        self._plan_cache = Plan()
-        self._slots_for: Routing | None = None  # the routing _slots_cache was made for (held, not an id)
-        self._slots_version = -1
-        self._slots_cache: dict[str, list[list[Delta]]] = {}
+        # (state version, plan) and (routing, state version, {site: slots}): each one tuple, replaced
+        # whole, so calls in several threads never see one's key with another's value.
+        self._plan_entry: tuple[int, Plan] = (-1, Plan())
+        self._slots_entry: tuple[Routing | None, int, dict[str, list[list[Delta]]]] = (None, -1, {})
         # In-place addition is safe only on the fresh output of a plain layer, and only without autograd.
         self._inplace_ok = is_adaptable_layer(module)
         # The module's device and dtype, read at each call from one tensor (core/follow.py).
@@ -112,28 +144,32 @@ class Dispatcher:
 
     def _plan(self) -> Plan:
         """The active composition compiled for this module (cached per state version)."""
-        if self._cache_version != self.state.version:
-            st = self.state
+        st = self.state
+        version, plan = self._plan_entry
+        if version != st.version:
+            version = st.version
             if st.disabled:
-                self._plan_cache = Plan()
+                plan = Plan()
             else:
-                self._plan_cache = compile_plan(
+                plan = compile_plan(
                     st.composition if st.composition is not None else st.active,
                     lambda a: () if a in st.merged else self.deltas.get(a, ()),
                 )
-            self._cache_version = st.version
-        return self._plan_cache
+            self._plan_entry = (version, plan)
+        return plan
 
     def _slots(self, site: str) -> list[list[Delta]]:
         """Per routed adapter name, this module's deltas of ``site`` (cached per routing and state)."""
         routing = self.state.routing
-        if self._slots_for is not routing or self._slots_version != self.state.version:
-            self._slots_for, self._slots_version, self._slots_cache = routing, self.state.version, {}
-        if site not in self._slots_cache:
-            self._slots_cache[site] = [
+        entry = self._slots_entry
+        if entry[0] is not routing or entry[1] != self.state.version:
+            entry = self._slots_entry = (routing, self.state.version, {})
+        cache = entry[2]
+        if site not in cache:
+            cache[site] = [
                 [d for d in self.deltas.get(n, ()) if d.site == site] for n in routing.names  # type: ignore[union-attr]
             ]
-        return self._slots_cache[site]
+        return cache[site]
 
     # -- hooks ----------------------------------------------------------------------------------
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):

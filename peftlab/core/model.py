@@ -478,8 +478,11 @@ class PeftModel(nn.Module):
         finally:
             # With activation checkpointing the backward pass re-runs the hooks, so the routing of a
             # training step must outlive the forward call; the next call replaces it.
+            # The routing lives in a context variable (core/dispatch.AdapterState): this thread's only.
             keep = st.routing is not None and torch.is_grad_enabled() and checkpointing_enabled(self.model)
-            if not keep:
+            if keep:
+                st.keep_for_backward(st.routing)  # for autograd's thread, which never set one
+            else:
                 st.routing = None
 
     def _name_positional(self, fn: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
