@@ -63,7 +63,9 @@ def encode(examples: Examples, tokenizer: Any, max_length: int = 128,
                           examples.label_names)
 
 
-def _pad(rows: list[list[int]], value: int, length: int, left: bool) -> torch.Tensor:
+def pad_rows(rows: list[list[int]], value: int, length: int, left: bool) -> torch.Tensor:
+    """``rows`` of ids as one ``(len(rows), length)`` long tensor, filled with ``value`` on the
+    left (``left=True``) or the right."""
     out = torch.full((len(rows), length), value, dtype=torch.long)
     for i, row in enumerate(rows):
         if not row:
@@ -95,7 +97,7 @@ def collate(batch: Sequence[Mapping[str, Any]], pad_token_id: int = 0, padding_s
     for key in MODEL_KEYS:
         if key in batch[0]:
             value = pad_token_id if key == "input_ids" else 0
-            out[key] = _pad([list(item[key]) for item in batch], value, length, left)
+            out[key] = pad_rows([list(item[key]) for item in batch], value, length, left)
     if "labels" in batch[0]:
         labels = [item["labels"] for item in batch]
         is_float = any(isinstance(x, float) for x in labels)

@@ -32,6 +32,26 @@ from peftlab.train.report import (
     versions,
     write_report,
 )
+from peftlab.train.instruct_data import GENERATIVE_TASKS
+from peftlab.train.task_setup import (
+    add_file_arguments,
+    add_generative_arguments,
+    load_generative_data,
+    metrics_of,
+    task_loaders,
+    task_report,
+    wants_generative,
+)
+from peftlab.train.run_options import (
+    add_run_arguments,
+    check_run_options,
+    checkpoint_to_resume,
+    checkpoints_enabled,
+    clear_finished_checkpoints,
+    refuse_unfinished_run,
+    trainer_run_options,
+)
+from peftlab.train.runconfig import config_actions, resolve_run_args, write_run_config
 from peftlab.train.tasks import TASKS
 
 
@@ -104,10 +124,13 @@ def add_train_arguments(train: argparse.ArgumentParser) -> None:
     """The arguments of ``peftlab train``, added to ``train`` (its subparser)."""
     train.add_argument("--model", default="minilm", help="zoo name (minilm, smollm2) or a Hugging Face model directory")
     train.add_argument("--task", help=f"registered task: {', '.join(TASKS)}; the glue_ prefix, case and '-' may be "
-                                      "left out (sst2, SST-2 and glue_sst2 are one task; mnli is glue_mnli_subset)")
+                                      "left out (sst2, SST-2 and glue_sst2 are one task; mnli is glue_mnli_subset); "
+                                      f"instruction tuning: {', '.join(GENERATIVE_TASKS)}")
     add_data_arguments(train, "instead of --task")
+    add_file_arguments(train)
+    add_generative_arguments(train)
     train.add_argument("--method", default="lora[r=8]", help='method string, e.g. "lora[r=8,alpha=16]"')
-    train.add_argument("--out", required=True, help="directory for the adapter and report.json")
+    train.add_argument("--out", help="directory for the adapter and report.json (required: here or in --config)")
     train.add_argument("--epochs", type=int, default=1, help="passes over the training data")
     train.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     train.add_argument("--lr", type=float, default=None,
@@ -127,6 +150,7 @@ def add_train_arguments(train: argparse.ArgumentParser) -> None:
                        help="auto (cuda when available, else cpu), cpu, cuda, cuda:N or mps; a device this machine "
                             "lacks is an error")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_arguments(train)
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, data_note: str) -> None:
@@ -151,14 +175,19 @@ def _load_data(args: argparse.Namespace) -> tuple[Examples, Examples, str]:
     """Train and eval :class:`Examples` and a name for the data, from --task or --data."""
     from peftlab.train.data import load_file, load_task  # noqa: PLC0415
 
+    if wants_generative(args):
+        with user_errors(ValueError):
+            return load_generative_data(args)
     if args.data:
         if not args.text_cols or not args.label_col:
-            raise CliError("--data needs --text-cols and --label-col")
+            raise CliError("--data needs --text-cols and --label-col (classification, regression), or "
+                           "--prompt-col and --response-col (instruction tuning; an Alpaca file needs neither)")
         cols = [c.strip() for c in args.text_cols.split(",") if c.strip()]
-        train = load_file(args.data, cols, args.label_col, kind=args.label_kind)
+        header = not getattr(args, "no_header", False)
+        train = load_file(args.data, cols, args.label_col, kind=args.label_kind, header=header, metrics=metrics_of(args))
         if args.eval_data:
             evals = load_file(args.eval_data, cols, args.label_col, kind=train.kind,
-                              label_names=train.label_names or None, metrics=train.metrics)
+                              label_names=train.label_names or None, metrics=train.metrics, header=header)
         else:
             train, evals = train.split(0.1, seed=args.seed)
         return train.sample(args.train_limit, args.seed), evals.sample(args.eval_limit, args.seed), args.data
@@ -189,15 +218,26 @@ def run_train(args: argparse.Namespace, argv: Sequence[str] | None = None) -> in
     ``argv`` (recorded in the report; default ``sys.argv[1:]``) is the command line that gave ``args``.
     Without ``--lr`` the method's registered ``default_lr`` is used; the report records the lr used.
     """
-    from peftlab.train.data import head_module_names, make_loader  # noqa: PLC0415
+    from peftlab.train.data import head_module_names  # noqa: PLC0415
     from peftlab.train.evaluation import evaluate_model  # noqa: PLC0415
-    from peftlab.train.trainer import Trainer  # noqa: PLC0415
+    from peftlab.train.checkpoint import CheckpointError  # noqa: PLC0415
+    from peftlab.train.trainer import Trainer, bf16_unavailable_reason  # noqa: PLC0415
 
     started = time.perf_counter()
+    command_line = list(sys.argv[1:] if argv is None else argv)
+    with user_errors(ValueError):  # --config and --resume fill the options not given
+        args = resolve_run_args(args, command_line[command_line[:1] == ["train"]:], add_train_arguments)
+        check_run_options(args)
+    if not args.out:
+        raise CliError("give --out DIR (or out: DIR in the --config file)")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CliError(f"--out {out} exists and is not a directory")
     device = check_device(args.device)  # before anything is loaded
+    if args.bf16 and bf16_unavailable_reason(device):
+        raise CliError(f"--bf16: {bf16_unavailable_reason(device)}")
+    with user_errors(ValueError):
+        resume_from = checkpoint_to_resume(out) if args.resume else refuse_unfinished_run(out)
     with user_errors(ValueError, KeyError):
         parts = config_parts(parse_method_string(args.method))
     lr = args.lr if args.lr is not None else method_default_lr(args.method)
@@ -208,26 +248,29 @@ def run_train(args: argparse.Namespace, argv: Sequence[str] | None = None) -> in
         for part in parts:
             get_method(adapter_method(part)).check_applicable(model)
     with user_errors(ValueError):
-        train_loader = make_loader(train_ex, tokenizer, args.batch_size, args.max_length, shuffle=True, seed=args.seed)
-        eval_loader = make_loader(eval_ex, tokenizer, args.batch_size, args.max_length)
+        train_loader, eval_loader = task_loaders(args, train_ex, eval_ex, model, tokenizer)
     model.to(device)
     before = evaluate_model(model, eval_loader, device)
-    heads = head_module_names(model)
+    heads = [] if train_ex.is_generative else head_module_names(model)  # an LM's own head is pretrained
     # The task head is freshly initialised: the adapter must carry a trainable copy of it, unless
     # the method string already says which modules to save.
     overrides = {"modules_to_save": heads} if heads and "modules_to_save" not in args.method else {}
     with user_errors(ValueError, KeyError):
         pm = peftlab.apply(model, args.method, **overrides)
     groups = peftlab.param_groups(pm, lr=lr, loraplus_ratio=args.loraplus_ratio, weight_decay=args.weight_decay)
-    trainer = Trainer(
-        pm, train_loader, eval_loader, optimizer_groups=groups, lr=lr, epochs=args.epochs,
-        max_steps=args.max_steps, warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
-        grad_accum=args.grad_accum, eval_every=args.eval_every,
-        checkpoint_dir=out / "checkpoints" if args.eval_every else None,
-        save_fn=pm.save if args.eval_every else None,
-        progress=not args.no_progress, device=device, seed=args.seed,
-    )
-    result = trainer.train()
+    with user_errors(ValueError):  # e.g. --gradient-checkpointing on a model without it
+        trainer = Trainer(
+            pm, train_loader, eval_loader, optimizer_groups=groups, lr=lr, epochs=args.epochs,
+            max_steps=args.max_steps, warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
+            grad_accum=args.grad_accum, eval_every=args.eval_every,
+            save_fn=pm.save if checkpoints_enabled(args) else None, resume_from=resume_from,
+            progress=not args.no_progress, device=device, seed=args.seed, **trainer_run_options(args, out),
+        )
+    if resume_from is None:
+        clear_finished_checkpoints(out)
+        write_run_config(out, args, config_actions(add_train_arguments))
+    with user_errors(CheckpointError):  # a checkpoint of another model, method or schedule
+        result = trainer.train()
     pm.save(out)
     counts = pm.report()
     report = {
@@ -246,7 +289,9 @@ def run_train(args: argparse.Namespace, argv: Sequence[str] | None = None) -> in
         "loraplus_ratio": args.loraplus_ratio,
         **{k: v for k, v in result.items() if k != "eval"},
         "total_time_s": time.perf_counter() - started,
-        "argv": list(sys.argv[1:] if argv is None else argv), "seed": args.seed, "versions": versions(),
+        "argv": command_line, "seed": args.seed, "versions": versions(),
+        "no_header": bool(getattr(args, "no_header", False)),
+        **task_report(train_ex, eval_ex, (train_loader, eval_loader), result["eval"]),
     }
     write_report(out, report)
     print(format_table(summary_rows(report), title=f"peftlab train -> {out}"))

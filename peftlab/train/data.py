@@ -69,7 +69,8 @@ def find_data_dir() -> Path | None:
     return None
 
 
-def _where_looked() -> str:
+def where_looked() -> str:
+    """Where :func:`find_data_dir` looked, for error messages."""
     env = os.environ.get(ENV_VAR)
     if env:
         return f"${ENV_VAR}={env}"
@@ -121,7 +122,7 @@ def _normalise_task(spec: TaskSpec, records: Iterable[RawRecord], source: str) -
 
 
 def _local_records(spec: TaskSpec, path: Path) -> list[RawRecord]:
-    columns, rows = read_rows(path)
+    columns, rows = read_rows(path, header=spec.header)
     return pick_columns(path, columns, rows, spec.text_cols, spec.label_col)
 
 
@@ -130,7 +131,7 @@ def _hub_records(spec: TaskSpec, split: str) -> tuple[list[RawRecord], str]:
     source = f"{spec.hub_id}/{spec.hub_config}[{hub_split}]"
     local = spec.file_for(split)
     help_text = (f"task {spec.name!r}: no local file {spec.folder}/{local} (looked in "
-                 f"{_where_looked()}); set ${ENV_VAR} to a folder holding {spec.folder}/{local}")
+                 f"{where_looked()}); set ${ENV_VAR} to a folder holding {spec.folder}/{local}")
     try:
         import datasets  # noqa: PLC0415 - optional dependency, imported only when needed
     except ImportError:
@@ -189,16 +190,18 @@ def load_file(
     metrics: Sequence[str] | None = None,
     limit: int | None = None,
     seed: int = 0,
+    header: bool = True,
 ) -> Examples:
     """Load a user's CSV, TSV, JSONL or JSON file (chosen by extension) as :class:`Examples`.
 
-    ``text_cols`` names one or two text columns and ``label_col`` the label; see
+    ``text_cols`` names one or two text columns and ``label_col`` the label (with
+    ``header=False``, 0-based column numbers such as ``"3"``, see :func:`read_rows`); see
     :func:`peftlab.train.files.build_labels` for how labels become ids. Pass the train split's
     ``label_names`` (and ``kind``) when loading its eval file so ids agree. ``metrics`` defaults
     to :func:`default_metrics`. Raises :class:`DataError` with a one-line reason on bad input.
     """
     file = Path(path)
-    columns, rows = read_rows(file)
+    columns, rows = read_rows(file, header=header)
     records = pick_columns(file, columns, rows, list(text_cols), label_col)
     texts = [clean_texts(r) for r in records]
     labels, names, task_kind = build_labels([(r.where, r.label) for r in records], kind, label_names)

@@ -6,8 +6,11 @@ import random
 from dataclasses import dataclass, field
 from typing import Literal
 
-TaskKind = Literal["classification", "regression"]
-Label = int | float
+TaskKind = Literal["classification", "regression", "causal-lm", "seq2seq"]
+#: A class id (classification), a float target (regression) or a response text (generative kinds).
+Label = int | float | str
+#: Kinds whose examples are (prompt,) texts with a response text as the label.
+GENERATIVE_KINDS: tuple[str, ...] = ("causal-lm", "seq2seq")
 
 
 class DataError(ValueError):
@@ -19,8 +22,10 @@ class Examples:
     """Texts and labels of one split, normalised.
 
     ``texts`` holds one tuple per example with one string (single sentence) or two (a pair).
-    ``labels`` are class ids (``int``, indexing ``label_names``) for classification and
-    ``float`` targets for regression, where ``label_names`` is empty.
+    ``labels`` are class ids (``int``, indexing ``label_names``) for classification,
+    ``float`` targets for regression, and response texts for the generative kinds (``causal-lm``
+    instruction tuning, ``seq2seq``), whose ``texts`` are one-tuples holding the prompt; for
+    regression and the generative kinds ``label_names`` is empty.
     ``source`` says where the data came from and is left out of equality, so the same rows read
     from a file and from the hub compare equal.
     """
@@ -36,17 +41,26 @@ class Examples:
     def __post_init__(self) -> None:
         if len(self.texts) != len(self.labels):
             raise ValueError(f"{len(self.texts)} texts but {len(self.labels)} labels")
-        if self.kind not in ("classification", "regression"):
-            raise ValueError(f"kind must be 'classification' or 'regression', not {self.kind!r}")
+        if self.kind not in ("classification", "regression", *GENERATIVE_KINDS):
+            raise ValueError(f"kind must be 'classification', 'regression', 'causal-lm' or 'seq2seq', "
+                             f"not {self.kind!r}")
 
     def __len__(self) -> int:
         """Number of examples."""
         return len(self.labels)
 
     @property
-    def num_labels(self) -> int:
-        """Output width a model needs: the number of classes, or 1 for regression."""
+    def num_labels(self) -> int | None:
+        """Output width a model needs: the number of classes, 1 for regression, None for the
+        generative kinds (the language model's own head)."""
+        if self.kind in GENERATIVE_KINDS:
+            return None
         return 1 if self.kind == "regression" else len(self.label_names)
+
+    @property
+    def is_generative(self) -> bool:
+        """True for instruction tuning (``causal-lm``) and ``seq2seq`` examples."""
+        return self.kind in GENERATIVE_KINDS
 
     @property
     def is_pair(self) -> bool:

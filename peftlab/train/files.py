@@ -30,12 +30,15 @@ class RawRecord:
     label: Any
 
 
-def read_rows(path: Path) -> tuple[list[str], list[tuple[str, dict[str, Any]]]]:
+def read_rows(path: Path, header: bool = True) -> tuple[list[str], list[tuple[str, dict[str, Any]]]]:
     """Read ``path`` by its extension into (column names, rows); each row is (location, mapping).
 
     ``.tsv`` is read with ``csv.QUOTE_NONE`` (GLUE style), ``.csv`` with ordinary CSV quoting,
     ``.jsonl`` one JSON object a line, ``.json`` a JSON array of objects (or JSON lines).
-    A byte-order mark is skipped. Raises :class:`DataError` on a missing, empty or unparsable file.
+    ``header=False`` (CSV/TSV only, e.g. GLUE's CoLA) takes every line as data and names the
+    columns by their 0-based position, ``"0"``, ``"1"``, ...
+    A byte-order mark is skipped. Raises :class:`DataError` on a missing, empty or unparsable file,
+    or one whose content is plainly another format than its extension says.
     """
     path = Path(path)
     if not path.is_file():
@@ -50,8 +53,11 @@ def read_rows(path: Path) -> tuple[list[str], list[tuple[str, dict[str, Any]]]]:
         raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
     if not text.strip():
         raise DataError(f"{path} is empty")
+    if not header and suffix not in (".csv", ".tsv"):
+        raise DataError(f"{path}: --no-header applies to .csv and .tsv files; a {suffix} file names its fields")
+    check_format(path, suffix, text)
     if suffix in (".csv", ".tsv"):
-        columns, rows = _read_delimited(path, text, tab=suffix == ".tsv")
+        columns, rows = _read_delimited(path, text, tab=suffix == ".tsv", header=header)
     elif suffix == ".json" and text.lstrip().startswith("["):
         columns, rows = _read_json_array(path, text)
     else:
@@ -61,22 +67,41 @@ def read_rows(path: Path) -> tuple[list[str], list[tuple[str, dict[str, Any]]]]:
     return columns, rows
 
 
-def _read_delimited(path: Path, text: str, tab: bool) -> tuple[list[str], list[tuple[str, dict[str, Any]]]]:
+def check_format(path: Path, suffix: str, text: str) -> None:
+    """:class:`DataError` when the text is plainly not what ``suffix`` says: JSON in a .csv/.tsv,
+    delimited text in a .json/.jsonl, a .tsv without a tab in its first line."""
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    looks_json = first.lstrip()[:1] in ("{", "[")
+    if suffix in (".csv", ".tsv") and looks_json:
+        raise DataError(f"{path}: the file holds JSON, not {suffix[1:].upper()} (first line starts with "
+                        f"{first.lstrip()[:1]!r}); give it a .jsonl (one object a line) or .json name")
+    if suffix in (".json", ".jsonl") and not looks_json:
+        raise DataError(f"{path}: not JSON: the first line starts with {first.strip()[:20]!r}, where a {suffix} "
+                        "file starts with '{' or '['; a delimited text file needs a .csv or .tsv name")
+    if suffix == ".tsv" and "\t" not in first and "," in first:
+        raise DataError(f"{path}: no tab in the first line but commas: this looks like CSV; give it a .csv name")
+
+
+def _read_delimited(path: Path, text: str, tab: bool,
+                    header: bool = True) -> tuple[list[str], list[tuple[str, dict[str, Any]]]]:
     stream = io.StringIO(text, newline="")
     if tab:
         reader = csv.reader(stream, delimiter="\t", quoting=csv.QUOTE_NONE)
     else:
         reader = csv.reader(stream)
     rows: list[tuple[str, dict[str, Any]]] = []
+    like = "the header" if header else "the first line"
     try:
-        header = next(reader)
-        columns = [name.strip() for name in header]
+        first = next(reader)
+        columns = [name.strip() for name in first] if header else [str(i) for i in range(len(first))]
+        if not header:
+            rows.append((f"{path}:{reader.line_num}", dict(zip(columns, first))))
         for fields in reader:
             if not fields:
                 continue
             where = f"{path}:{reader.line_num}"
             if len(fields) != len(columns):
-                raise DataError(f"{where}: expected {len(columns)} fields like the header, "
+                raise DataError(f"{where}: expected {len(columns)} fields like {like}, "
                                 f"found {len(fields)}")
             rows.append((where, dict(zip(columns, fields))))
     except csv.Error as err:
@@ -133,7 +158,7 @@ def pick_columns(
         raise DataError(f"give one or two text columns, not {len(text_cols)}: {list(text_cols)}")
     for name in [*text_cols, label_col]:
         if name not in columns:
-            raise DataError(f"{path}: no column {name!r}; columns are: {', '.join(columns)}")
+            raise DataError(f"{path}: no column {name!r}; {describe_columns(columns, rows)}")
     records = []
     for where, row in rows:
         missing = [name for name in (*text_cols, label_col) if name not in row]
@@ -141,6 +166,24 @@ def pick_columns(
             raise DataError(f"{where}: row has no {missing[0]!r} field")
         records.append(RawRecord(where, tuple(row[c] for c in text_cols), row[label_col]))
     return records
+
+
+def describe_columns(columns: Sequence[str], rows: list[tuple[str, dict[str, Any]]]) -> str:
+    """"columns are: a, b" for a file with a header; for a headerless file (columns named 0, 1, ...)
+    the positions with the first row's values, e.g. "columns are 0..3: 0='gj04', 1='1', ..."."""
+    if columns and all(c == str(i) for i, c in enumerate(columns)) and rows:
+        first = rows[0][1]
+        shown = ", ".join(f"{c}={str(first.get(c, ''))[:30]!r}" for c in columns)
+        return f"columns are 0..{len(columns) - 1} (no header; first row {shown})"
+    hint = ("; if the file has no header row, use --no-header and column numbers"
+            if any(_looks_like_data(c) for c in columns) else "")
+    return f"columns are: {', '.join(columns)}{hint}"
+
+
+def _looks_like_data(name: str) -> bool:
+    """A header cell that is empty, a number or a long sentence is likely a data row's field."""
+    text = name.strip()
+    return not text or bool(_FLOAT_RE.match(text)) or len(text.split()) > 4
 
 
 def clean_texts(record: RawRecord) -> tuple[str, ...]:

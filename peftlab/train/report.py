@@ -98,10 +98,14 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         ranks = sorted(set(report["ranks"].values()))
         rows.append(("ranks", f"{', '.join(map(str, ranks))} over {len(report['ranks'])} modules"))
     before, after = report.get("metrics_before"), report.get("metrics_after")
+    baseline = report.get("baseline") or {}
     for name in report.get("metric_names", []):
-        rows.append((name, _before_after(before, after, name)))
+        floor = (baseline.get("metrics") or {}).get(name)
+        shown = f" ({baseline['kind']} baseline {format_number(floor)})" if floor is not None else ""
+        rows.append((name, _before_after(before, after, name) + shown))
     if before or after:
         rows.append(("eval loss", _before_after(before, after, "loss")))
+    rows.extend(honesty_rows(report))
     curve = report.get("loss_curve") or []
     if curve:
         rows.append(("train loss", f"{format_number(curve[0])} -> {format_number(curve[-1])} "
@@ -120,4 +124,23 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("peak memory", f"{format_bytes(report['peak_memory_bytes'])} ({note}, {method})"))
     if report.get("bytes_on_disk") is not None:
         rows.append(("adapter size", format_bytes(report["bytes_on_disk"])))
+    return rows
+
+
+def honesty_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
+    """Rows that keep a report honest: the no-skill baseline's prediction, a WARNING when the model
+    does not beat it (or answers one class for everything), and the examples cut or left out for
+    length in a generative run."""
+    rows: list[tuple[str, str]] = []
+    baseline = report.get("baseline") or {}
+    if baseline:
+        prediction = baseline.get("prediction")
+        share = f", {100 * baseline['share']:.1f}% of eval" if baseline.get("share") is not None else ""
+        rows.append(("baseline", f"{baseline['kind']}: always {format_number(prediction)}{share}"))
+    warning = (report.get("baseline_check") or {}).get("warning")
+    if warning:
+        rows.append(("WARNING", warning))
+    for split, counts in (report.get("lengths") or {}).items():
+        rows.append((f"{split} lengths", f"{counts['examples']:,} kept, {counts['truncated']:,} truncated, "
+                                         f"{counts['dropped']:,} dropped (limit {counts['limit']} tokens)"))
     return rows

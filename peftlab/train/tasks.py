@@ -32,6 +32,8 @@ class TaskSpec:
     hub_text_cols: tuple[str, ...]
     hub_label_col: str = "label"
     note: str = ""
+    #: False for files without a header row (GLUE's CoLA): columns are then 0-based numbers.
+    header: bool = True
 
     @property
     def folder(self) -> str:
@@ -64,6 +66,7 @@ def _glue(
     eval_file: str = "dev.tsv",
     hub_eval_split: str = "validation",
     note: str = "",
+    header: bool = True,
 ) -> TaskSpec:
     regression = not label_names
     return TaskSpec(
@@ -82,6 +85,7 @@ def _glue(
         hub_eval_split=hub_eval_split,
         hub_text_cols=hub_text_cols,
         note=note,
+        header=header,
     )
 
 
@@ -95,6 +99,9 @@ TASKS: dict[str, TaskSpec] = {
     for spec in (
         _glue("glue_sst2", "sst2", ("sentence",), ("sentence",), "label",
               ("negative", "positive"), ("accuracy",)),
+        _glue("glue_cola", "cola", ("3",), ("sentence",), "1", ("unacceptable", "acceptable"),
+              ("mcc", "accuracy"), header=False,
+              note="GLUE's own headerless TSVs (source, label, original label, sentence); Matthews correlation"),
         _glue("glue_mrpc", "mrpc", ("#1 String", "#2 String"), ("sentence1", "sentence2"),
               "Quality", ("not_equivalent", "equivalent"), ("accuracy", "f1")),
         _glue("glue_rte", "rte", ("sentence1", "sentence2"), ("sentence1", "sentence2"),
