@@ -291,6 +291,13 @@ class PeftModel(nn.Module):
                 f"choose another name or delete_adapter({adapter_name!r}) first"
             )
 
+    def attach(self, adapter_name: str, config: "AdapterConfig | UnionConfig | str | dict", placement: Placement) -> None:
+        """Attach an adapter whose deltas were built and filled elsewhere (:func:`build_placement`
+        and ``io.load_into_placement``, e.g. in a loader thread, so attaching costs no file reading);
+        it is inactive until ``set_adapter`` or routed per row with ``adapter_names``."""
+        self._check_new_name(adapter_name)
+        self._install(adapter_name, as_config(config), placement)
+
     def _install(self, adapter_name: str, cfg: AdapterConfig | UnionConfig, placement: Placement) -> None:
         store = nn.ModuleDict()
         for part, module_name, delta in placement:

@@ -1,0 +1,268 @@
+"""The adapter bank: every resident LoRA-family adapter's weights, stacked once, gathered per row.
+
+Layout (:class:`BankLayout`): each adapter is one flat row of P numbers holding, for every hooked
+module m, A_m (R × in_m) then B_m (out_m × R), ranks zero-padded to the bank's rank R and the
+scaling folded into B. The bank on the compute device is a (slots + 1, P) tensor whose row 0 is all
+zeros (rows that use no bank adapter). Loading an adapter into a slot is one copy of its flat row;
+a new module or a larger rank re-lays the bank once, at load time, never per call.
+
+A call (:meth:`AdapterBank.call`) gives each row its slot: the first hooked module gathers the rows'
+flat rows once (one ``index_select``), and every module computes, from its slice of them,
+
+    y += bmm(bmm(x, Aᵀ[slot]), Bᵀ[slot])        (Punica's SGMV idea, as two batched matmuls)
+
+so a batch with any mix of adapters and ranks costs one gather and two batched matmuls per module,
+whatever its composition. A call where no row uses the bank skips the hooks.
+
+dLoRA merging (:meth:`AdapterBank.merge`): one slot's ΔW = B A is added into the base weights (the
+originals are kept and restored exactly by :meth:`unmerge`). Its rows then map to row 0 and cost
+nothing; every other row subtracts that adapter's term, x Aᵀ Bᵀ (one low-rank matmul over the
+batch), so outputs are unchanged whatever the mix, and a batch of that adapter alone runs at the
+base model's speed.
+
+The bank's hooks are prepended, so they run before the library's own dispatcher hooks on the same
+module (an (IA)³ scale on a row then sees the base output with the merged term already removed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from peftlab.core.layers import is_adaptable_layer, layer_info, to_module_layout
+
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class BankLayout:
+    """Where each module's factors sit in an adapter's flat row (see the module docstring)."""
+
+    rank: int
+    #: module name -> (in_features, out_features), in layout order
+    shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    @property
+    def offsets(self) -> dict[str, tuple[int, int]]:
+        """module -> (offset of A, offset of B) in the flat row."""
+        out, at = {}, 0
+        for name, (fin, fout) in self.shapes.items():
+            out[name] = (at, at + self.rank * fin)
+            at += self.rank * (fin + fout)
+        return out
+
+    @property
+    def size(self) -> int:
+        """P, the length of a flat row."""
+        return sum(self.rank * (fin + fout) for fin, fout in self.shapes.values())
+
+    def covers(self, factors: Factors) -> bool:
+        """Whether adapters with these factors fit without re-laying the bank."""
+        return all(m in self.shapes and A.shape[0] <= self.rank for m, (A, _) in factors.items())
+
+    def extended(self, factors: Factors) -> "BankLayout":
+        """The smallest layout holding this one and ``factors``."""
+        shapes = dict(self.shapes)
+        for m, (A, B) in factors.items():
+            shapes.setdefault(m, (A.shape[1], B.shape[0]))
+        return BankLayout(max([self.rank, *(A.shape[0] for A, _ in factors.values())]), shapes)
+
+    def views(self, flat: torch.Tensor, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of ``module`` in flat rows ``flat`` (..., P): views (..., R, in) and (..., out, R)."""
+        fin, fout = self.shapes[module]
+        a, b = self.offsets[module]
+        lead = flat.shape[:-1]
+        A = flat[..., a : a + self.rank * fin].view(*lead, self.rank, fin)
+        B = flat[..., b : b + fout * self.rank].view(*lead, fout, self.rank)
+        return A, B
+
+    def pack(self, factors: Factors, dtype: torch.dtype, pin: bool = False) -> torch.Tensor:
+        """One adapter's flat row (zeros for modules it does not touch and for padded ranks)."""
+        flat = torch.zeros(self.size, dtype=dtype, pin_memory=pin)
+        for m, (A, B) in factors.items():
+            va, vb = self.views(flat, m)
+            va[: A.shape[0]].copy_(A)
+            vb[:, : B.shape[1]].copy_(B)
+        return flat
+
+    def unpack(self, flat: torch.Tensor) -> Factors:
+        """The (padded) factors of a flat row: views, not copies."""
+        return {m: self.views(flat, m) for m in self.shapes}
+
+
+@dataclass
+class BankCall:
+    """One model call's routing through the bank: ``slots[i]`` is row i's bank row (0: none)."""
+
+    slots: torch.Tensor
+    any_rows: bool
+    #: (merged bank row, (n, 1, 1) float mask of the rows that are not its adapter's) while merged
+    correction: tuple[int, torch.Tensor] | None
+    gathered: torch.Tensor | None = None
+
+
+_CALL: ContextVar[BankCall | None] = ContextVar("peftlab_bank_call", default=None)
+
+
+class AdapterBank:
+    """Holds the resident LoRA adapters of one model, one flat row each (see the module docstring).
+
+    Only the engine's decode thread changes it (loading a slot, re-laying, merging), between calls.
+    """
+
+    def __init__(self, model: nn.Module, capacity: int, device: torch.device, dtype: torch.dtype):
+        self.model = model
+        self.capacity = capacity
+        self.device, self.dtype = device, dtype
+        self.layout = BankLayout(rank=1)
+        self.flat = torch.zeros(1, 0, device=device, dtype=dtype)  # row 0: no adapter
+        self._modules = dict(model.named_modules())
+        self._hooks: dict[str, Any] = {}
+        self.merged: int | None = None
+        self._saved_weights: dict[str, torch.Tensor] = {}
+
+    # -- contents -------------------------------------------------------------------------------------
+    def ensure_layout(self, factors: Factors) -> bool:
+        """Re-lay the bank (and hook new modules) if ``factors`` do not fit; True if it did."""
+        if self.layout.covers(factors):
+            return False
+        for m in factors:
+            if m not in self._modules:
+                raise ValueError(f"module {m!r} is not in the model")
+            module = self._modules[m]
+            if not is_adaptable_layer(module) or layer_info(module).kind not in ("linear", "conv1d"):
+                raise ValueError(f"module {m!r} ({type(module).__name__}) is not a linear layer")
+        new = self.layout.extended(factors)
+        flat = torch.zeros(self.flat.shape[0], new.size, device=self.device, dtype=self.dtype)
+        for m, (A, B) in self.layout.unpack(self.flat).items():
+            va, vb = new.views(flat, m)
+            va[:, : A.shape[1]].copy_(A)
+            vb[..., : B.shape[2]].copy_(B)
+        self.layout, self.flat = new, flat
+        for m in new.shapes:
+            if m not in self._hooks:
+                self._hooks[m] = self._modules[m].register_forward_hook(self._hook(m), prepend=True)
+        return True
+
+    def repack(self, flat: torch.Tensor, layout: BankLayout) -> torch.Tensor:
+        """A host flat row packed under ``layout`` re-packed under the bank's layout."""
+        return self.layout.pack(layout.unpack(flat), flat.dtype, pin=flat.is_pinned())
+
+    def put(self, slot: int, flat: torch.Tensor) -> None:
+        """Load one adapter's flat row (already in the bank's layout) into ``slot`` (1-based)."""
+        if not 1 <= slot <= self.capacity:
+            raise ValueError(f"slot {slot} outside 1..{self.capacity}")
+        if slot >= self.flat.shape[0]:
+            rows = min(self.capacity + 1, max(slot + 1, 2 * self.flat.shape[0]))
+            grown = torch.zeros(rows, self.layout.size, device=self.device, dtype=self.dtype)
+            grown[: self.flat.shape[0]] = self.flat
+            self.flat = grown
+        self.flat[slot].copy_(flat, non_blocking=True)
+
+    def clear(self, slot: int) -> None:
+        """Zero a slot (its adapter left the device)."""
+        if slot < self.flat.shape[0]:
+            self.flat[slot].zero_()
+
+    def nbytes(self) -> int:
+        """Bytes of the bank on the compute device."""
+        return self.flat.numel() * self.flat.element_size()
+
+    def close(self) -> None:
+        """Restore merged weights and remove every hook."""
+        self.unmerge()
+        for h in self._hooks.values():
+            h.remove()
+        self._hooks.clear()
+
+    # -- calls ----------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def call(self, slots: list[int]) -> Iterator[None]:
+        """Route the model calls inside the block: row i through bank row ``slots[i]`` (0: none)."""
+        merged = self.merged
+        if merged is not None:
+            own = [s == merged for s in slots]
+            slots = [0 if o else s for s, o in zip(slots, own)]
+            if all(own):
+                correction = None
+            else:
+                mask = torch.tensor([0.0 if o else 1.0 for o in own], device=self.device, dtype=self.dtype)
+                correction = (merged, mask.view(-1, 1, 1))
+        else:
+            correction = None
+        any_rows = any(slots)
+        if not any_rows and correction is None:
+            token = _CALL.set(None)
+        else:
+            token = _CALL.set(BankCall(torch.tensor(slots, device=self.device), any_rows, correction))
+        try:
+            yield
+        finally:
+            _CALL.reset(token)
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+            c = _CALL.get()
+            if c is None or name not in self.layout.shapes:
+                return None
+            y = output[0] if isinstance(output, tuple) else output
+            x = args[0]
+            n = x.shape[0]
+            xf = x.reshape(n, -1, x.shape[-1]).to(self.dtype)
+            delta = None
+            if c.any_rows:
+                if c.gathered is None:  # once per call, for every module
+                    c.gathered = self.flat.index_select(0, c.slots)
+                A, B = self.layout.views(c.gathered, name)
+                delta = torch.bmm(torch.bmm(xf, A.transpose(1, 2)), B.transpose(1, 2))
+            if c.correction is not None:
+                row, mask = c.correction
+                A, B = self.layout.views(self.flat[row], name)
+                term = (xf @ A.T) @ B.T * mask
+                delta = -term if delta is None else delta - term
+            assert delta is not None
+            delta = delta.view(y.shape).to(y.dtype)
+            new = y.add_(delta) if not torch.is_grad_enabled() else y + delta
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        return hook
+
+    # -- dLoRA merging ----------------------------------------------------------------------------
+    def can_merge(self) -> bool:
+        """Whether every bank module has a plain floating-point weight (not a quantized one)."""
+        return all(
+            self._modules[m].weight.dtype.is_floating_point and type(self._modules[m].weight) is nn.Parameter
+            for m in self.layout.shapes
+        )
+
+    def merge(self, slot: int) -> None:
+        """Fold bank row ``slot``'s ΔW = B A into the base weights (see the module docstring)."""
+        if self.merged == slot:
+            return
+        self.unmerge()
+        with torch.no_grad():
+            for m in self.layout.shapes:
+                A, B = self.layout.views(self.flat[slot], m)
+                if not bool(B.any()):
+                    continue
+                module = self._modules[m]
+                self._saved_weights[m] = module.weight.detach().clone()
+                dw = (B.to(torch.float32) @ A.to(torch.float32))
+                module.weight.add_(to_module_layout(module, dw).to(module.weight.dtype))
+        self.merged = slot
+
+    def unmerge(self) -> None:
+        """Restore the base weights exactly (the saved originals)."""
+        if self.merged is None:
+            return
+        with torch.no_grad():
+            for m, w in self._saved_weights.items():
+                self._modules[m].weight.copy_(w)
+        self._saved_weights.clear()
+        self.merged = None
+

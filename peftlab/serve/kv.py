@@ -1,0 +1,143 @@
+"""A padded, batched key/value cache with per-row lengths: one row per running request.
+
+Row ``b`` holds its request's keys and values in columns ``0 .. length[b]-1`` of every layer's
+``(rows, heads, columns, head_dim)`` buffer. A decode step writes each row's new key at its own
+column ``length[b]`` (one scatter per layer) and attends over the first ``max(length) + 1`` columns
+with a mask that hides each row's columns beyond its own length; rows are independent, so a request
+joins or leaves the batch without touching the others. Running rows stay packed at the top
+(:meth:`SlotCache.move_rows` fills a finished row's place with a later row), so a decode step reads
+one contiguous block. Buffers grow by doubling and are freed when the engine goes idle.
+
+The object is passed to a Hugging Face model as its cache (under :func:`~peftlab.core.model_calls.cache_argument`'s
+name); the model calls ``update(key, value, layer_idx, ...)`` in every attention layer, which is the
+same in transformers 4.57 and 5.x. Masks are given to the model as 4-D float masks, which both
+versions use as they are.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class SlotCache:
+    """Per-layer key/value buffers of shape (rows, heads, columns, head_dim); see the module docstring.
+
+    Before each model call the engine says which rows the call covers and where they write:
+    :meth:`begin_prefill` (fresh rows ``start .. start+g-1``, ``T`` new tokens each, written at
+    columns ``0 .. T-1``) or :meth:`begin_decode` (rows ``0 .. n-1``, one token each, written at
+    column ``lengths[b]``).
+    """
+
+    def __init__(self, device: torch.device | str, min_rows: int = 4, min_columns: int = 64):
+        self.device = torch.device(device)
+        self.min_rows, self.min_columns = min_rows, min_columns
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.rows = 0  # allocated rows
+        self.columns = 0  # allocated columns
+        self._call: tuple[Any, ...] | None = None
+
+    # -- what the engine does between calls ----------------------------------------------------------
+    def reserve(self, rows: int, columns: int) -> None:
+        """Make room for ``rows`` rows and ``columns`` columns (doubling; existing entries kept)."""
+        new_rows = self.rows
+        while new_rows < rows:
+            new_rows = max(self.min_rows, 2 * new_rows)
+        new_cols = self.columns
+        while new_cols < columns:
+            new_cols = max(self.min_columns, 2 * new_cols)
+        if (new_rows, new_cols) == (self.rows, self.columns):
+            return
+        for store in (self.keys, self.values):
+            for layer, old in store.items():
+                grown = old.new_zeros(new_rows, old.shape[1], new_cols, old.shape[3])
+                grown[: self.rows, :, : self.columns] = old
+                store[layer] = grown
+        self.rows, self.columns = new_rows, new_cols
+
+    def move_rows(self, src: list[int], dst: list[int]) -> None:
+        """Copy rows ``src`` onto rows ``dst`` in every layer (packing running rows after some finished)."""
+        if not src:
+            return
+        s = torch.tensor(src, device=self.device)
+        d = torch.tensor(dst, device=self.device)
+        for store in (self.keys, self.values):
+            for buf in store.values():
+                buf.index_copy_(0, d, buf.index_select(0, s))
+
+    def clear(self) -> None:
+        """Free every buffer (the engine is idle)."""
+        self.keys.clear()
+        self.values.clear()
+        self.rows = self.columns = 0
+
+    def nbytes(self) -> int:
+        """Bytes held by the buffers."""
+        return sum(t.numel() * t.element_size() for s in (self.keys, self.values) for t in s.values())
+
+    def begin_prefill(self, start: int, count: int, tokens: int) -> None:
+        """The next call writes ``tokens`` new keys into fresh rows ``start .. start+count-1``."""
+        self.reserve(start + count, tokens)
+        self._call = ("prefill", start, count, tokens)
+
+    def begin_decode(self, count: int, lengths: torch.Tensor, columns: int) -> None:
+        """The next call writes one key per row ``b < count`` at column ``lengths[b]`` and attends
+        over the first ``columns`` columns."""
+        self.reserve(count, columns)
+        rows = torch.arange(count, device=self.device)
+        self._call = ("decode", rows, lengths, columns)
+
+    def end(self) -> None:
+        """The call is over."""
+        self._call = None
+
+    # -- what the model calls ------------------------------------------------------------------------
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        """Store the call's new keys and values of layer ``layer_idx``; return what it attends over."""
+        if self._call is None:
+            raise RuntimeError("SlotCache.update outside an engine call (begin_prefill / begin_decode first)")
+        if layer_idx not in self.keys:
+            shape = (self.rows, key.shape[1], self.columns, key.shape[3])
+            self.keys[layer_idx] = key.new_zeros(shape)
+            self.values[layer_idx] = value.new_zeros(shape)
+        kbuf, vbuf = self.keys[layer_idx], self.values[layer_idx]
+        if self._call[0] == "prefill":
+            _, start, count, tokens = self._call
+            kbuf[start : start + count, :, :tokens] = key
+            vbuf[start : start + count, :, :tokens] = value
+            return key, value  # fresh rows: the prompt attends over itself only
+        _, rows, lengths, columns = self._call
+        kbuf[rows, :, lengths] = key[:, :, 0]
+        vbuf[rows, :, lengths] = value[:, :, 0]
+        n = rows.shape[0]
+        return kbuf[:n, :, :columns], vbuf[:n, :, :columns]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """0: positions are always given explicitly (``position_ids``), never counted from the cache."""
+        return 0
+
+    is_compileable = False
+
+
+def decode_mask(lengths: torch.Tensor, columns: int, dtype: torch.dtype) -> torch.Tensor:
+    """(n, 1, 1, columns) additive mask: row b sees columns ``0 .. lengths[b]`` (its own past and the
+    key written in this step), the smallest float elsewhere."""
+    cols = torch.arange(columns, device=lengths.device)
+    visible = cols.unsqueeze(0) <= lengths.unsqueeze(1)
+    return _additive(visible, dtype).view(lengths.shape[0], 1, 1, columns)
+
+
+def prefill_mask(lengths: torch.Tensor, tokens: int, dtype: torch.dtype) -> torch.Tensor:
+    """(g, 1, T, T) additive mask for right-padded prompts: query i of row b sees keys j <= i with
+    j < lengths[b] (a padding query sees the prompt, so no row of the softmax is empty)."""
+    idx = torch.arange(tokens, device=lengths.device)
+    causal = idx.view(1, tokens, 1) >= idx.view(1, 1, tokens)
+    real = idx.view(1, 1, tokens) < lengths.view(-1, 1, 1)
+    return _additive(causal & real, dtype).unsqueeze(1)
+
+
+def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    zero = torch.zeros((), dtype=dtype, device=visible.device)
+    return torch.where(visible, zero, torch.finfo(dtype).min)
