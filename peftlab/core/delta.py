@@ -175,6 +175,29 @@ class ModelDelta(nn.Module):
     _load_checked = Delta._load_checked
 
 
+#: The hook tables of an ``nn.Module`` (forward, forward-pre and backward hooks and their flags).
+_HOOK_TABLES = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+                "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+
+
+def copy_without_hooks(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` in which neither it nor its submodules carry hooks.
+
+    A base module that adapters already hook carries a dispatcher's hooks: a copy with them would
+    deep-copy the dispatcher and route its own output again (the copy of a second adapter's
+    ``modules_to_save`` head then never got a gradient). Hooks on the base module still run, on
+    the base module's own call."""
+    import copy
+
+    memo: dict[int, Any] = {}
+    for m in module.modules():
+        for attr in _HOOK_TABLES:
+            table = m.__dict__.get(attr)
+            if table:
+                memo[id(table)] = type(table)()
+    return copy.deepcopy(module, memo)
+
+
 class HeadCopy(Delta):
     """``modules_to_save``: a fully trainable copy of a base module (e.g. a fresh classifier head).
 
@@ -186,9 +209,7 @@ class HeadCopy(Delta):
 
     def __init__(self, base: nn.Module):
         super().__init__()
-        import copy
-
-        self.module = copy.deepcopy(base)
+        self.module = copy_without_hooks(base)
         for p in self.module.parameters():
             p.requires_grad_(True)
         # Merging writes the trained copy's values into the base module's own tensors.
