@@ -76,6 +76,11 @@ def check_arguments(args: argparse.Namespace) -> None:
     for root in args.adapter_roots:
         if not root.is_dir():
             raise CliError(f"--adapter-roots {root}: not a directory")
+    from peftlab.zoo import ZOO_NAMES
+
+    if args.model not in ZOO_NAMES and not Path(args.model).is_dir():
+        raise CliError(f"--model {args.model}: expected a zoo name ({', '.join(ZOO_NAMES)}) or the directory of a "
+                       "Hugging Face causal LM")
 
 
 def make_engine(args: argparse.Namespace) -> Any:
@@ -87,13 +92,8 @@ def make_engine(args: argparse.Namespace) -> Any:
     options = dict(max_batch=args.max_batch, max_queue=args.max_queue, device=check_device(args.device, ("cpu", "cuda")),
                    allowed_roots=[str(r.resolve()) for r in roots], max_adapter_bytes=int(args.max_adapter_mb * 2**20))
     if args.model in ZOO_NAMES:
-        engine = Engine.from_zoo(args.model, **options)
-    elif Path(args.model).is_dir():
-        engine = Engine.from_pretrained(args.model, **options)
-    else:
-        raise CliError(f"--model {args.model}: expected a zoo name ({', '.join(ZOO_NAMES)}) or the directory of a "
-                       "Hugging Face causal LM")
-    return engine
+        return Engine.from_zoo(args.model, **options)
+    return Engine.from_pretrained(args.model, **options)
 
 
 def register_adapters(engine: Any, found: dict[str, Path]) -> None:
@@ -108,7 +108,7 @@ def register_adapters(engine: Any, found: dict[str, Path]) -> None:
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
-    """A bound socket for uvicorn (``port`` 0 picks a free one, then read from the socket)."""
+    """A listening socket for uvicorn (``port`` 0 picks a free one, then read from the socket)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -117,6 +117,7 @@ def listening_socket(host: str, port: int) -> socket.socket:
     except OSError as err:
         sock.close()
         raise CliError(f"--host {host} --port {port}: cannot listen there ({err.strerror})") from None
+    sock.listen(2048)  # connections wait in the backlog until uvicorn serves them
     sock.set_inheritable(True)
     return sock
 
