@@ -33,6 +33,14 @@ from peftlab.train.cli import (
     run_info,
     run_train,
 )
+from peftlab.train.eval_cli import (
+    EVAL_HELP,
+    GENERATE_HELP,
+    add_eval_arguments,
+    add_generate_arguments,
+    run_eval,
+    run_generate,
+)
 from peftlab.train.examples import DataError
 
 BENCH_HELP = "run the benchmark (arguments go to peftlab.bench)"
@@ -45,11 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog="peftlab COMMAND --help shows a command's options and their defaults.",
                                      formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--version", action="version", version=f"peftlab {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,info,bench,methods}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,info,eval,generate,bench,methods}")
     add_train_arguments(sub.add_parser("train", help=TRAIN_HELP, description=TRAIN_HELP,
                                        formatter_class=DefaultsHelpFormatter))
     add_info_arguments(sub.add_parser("info", help=INFO_HELP, description=INFO_HELP,
                                       formatter_class=DefaultsHelpFormatter))
+    add_eval_arguments(sub.add_parser("eval", help=EVAL_HELP, description=EVAL_HELP,
+                                      formatter_class=DefaultsHelpFormatter))
+    add_generate_arguments(sub.add_parser("generate", help=GENERATE_HELP, description=GENERATE_HELP,
+                                          formatter_class=DefaultsHelpFormatter))
     sub.add_parser("bench", help=BENCH_HELP, add_help=False)
     methods = sub.add_parser("methods", help=METHODS_HELP, description=METHODS_HELP,
                              formatter_class=DefaultsHelpFormatter)
@@ -118,6 +130,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(args_list)
         if args.command == "train":
             return run_train(args, args_list)
+        if args.command == "eval":
+            return run_eval(args)
+        if args.command == "generate":
+            return run_generate(args)
         if args.command == "methods":
             return run_methods(args)
         return run_info(args)

@@ -94,6 +94,12 @@ def _with_eos(tokenizer: Any, ids: list[int]) -> list[int]:
     return ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else ids
 
 
+def prompt_ids(tokenizer: Any, prompt: str, fmt: PromptFormat) -> list[int]:
+    """The token ids a model reads before its answer: the formatted prompt (special tokens added by
+    the tokenizer for the plain and seq2seq formats; a chat template writes its own)."""
+    return _ids(tokenizer, prompt_text(tokenizer, prompt, fmt), fmt != "chat")
+
+
 def encode_generative(examples: Examples, tokenizer: Any, max_length: int, fmt: PromptFormat,
                       context: int | None = None, settings: GenerationSettings | None = None) -> GenerativeDataset:
     """Tokenise generative :class:`Examples` (prompt in ``texts[i][0]``, response in ``labels[i]``)
@@ -112,13 +118,13 @@ def encode_generative(examples: Examples, tokenizer: Any, max_length: int, fmt: 
     truncated = dropped = 0
     for (prompt,), response in zip(examples.texts, examples.labels):
         if fmt == "seq2seq":
-            source = _ids(tokenizer, prompt, True)
+            source = prompt_ids(tokenizer, prompt, fmt)
             target = _with_eos(tokenizer, _ids(tokenizer, str(response), True))
             truncated += len(source) > limit or len(target) > limit
             source, target = source[:limit], target[:limit]
             features.append({"input_ids": source, "attention_mask": [1] * len(source), "labels": target})
         else:
-            source = _ids(tokenizer, prompt_text(tokenizer, prompt, fmt), fmt == "plain")
+            source = prompt_ids(tokenizer, prompt, fmt)
             target = _ids(tokenizer, response_text(tokenizer, prompt, str(response), fmt), False)
             room = limit - len(source)
             if room < 1:

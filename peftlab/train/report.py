@@ -140,6 +140,10 @@ def honesty_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     warning = (report.get("baseline_check") or {}).get("warning")
     if warning:
         rows.append(("WARNING", warning))
+    scores = report.get("metrics_after") or report.get("metrics") or {}
+    if scores.get("no_answer") is not None:
+        rows.append(("no answer found", f"{scores['no_answer']:,} of {scores.get('examples', 0):,} generations "
+                                        "(the answer regex matched nothing; counted as misses)"))
     for split, counts in (report.get("lengths") or {}).items():
         rows.append((f"{split} lengths", f"{counts['examples']:,} kept, {counts['truncated']:,} truncated, "
                                          f"{counts['dropped']:,} dropped (limit {counts['limit']} tokens)"))
