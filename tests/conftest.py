@@ -126,3 +126,26 @@ def assert_gathered_mixed_batch(monkeypatch, delta_cls, model, a, b, names=("a",
     randomize_adapter(pm, "b", seed=2, std=std)
     assert_mixed_batch_equals_per_adapter(pm, list(names), batch)
     assert calls and all(calls)
+
+
+# -- the command line on a tiny model (test_cli.py, test_train_*.py) ---------------------------------
+
+@pytest.fixture(scope="session")
+def tiny_run_args(tmp_path_factory) -> list[str]:
+    """Arguments for a one-step ``peftlab train`` on a tiny random BERT directory and a 16-row TSV."""
+    from transformers import BertTokenizer
+
+    from peftlab.zoo import tiny_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    model_dir = root / "bert"
+    tiny_model("bert").save_pretrained(model_dir)
+    words = ["good", "bad", "fine", "awful", "movie", "plot"]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizer(str(root / "vocab.txt")).save_pretrained(model_dir)
+    rows = [f"{w} {n}\t{int(w in ('good', 'fine'))}" for w in words[:4] for n in words[4:]] * 2
+    (root / "train.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+    return ["train", "--model", str(model_dir), "--data", str(root / "train.tsv"), "--eval-data",
+            str(root / "train.tsv"), "--text-cols", "sentence", "--label-col", "label", "--max-steps", "1",
+            "--batch-size", "8", "--max-length", "8", "--no-progress", "--device", "cpu"]

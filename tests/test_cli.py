@@ -148,27 +148,6 @@ def test_lower_layers_do_not_import_the_command_line(layer: str) -> None:
         assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
 
 
-@pytest.fixture(scope="module")
-def tiny_run_args(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    """Arguments for a one-step ``peftlab train`` on a tiny random BERT directory and a 16-row TSV."""
-    from transformers import BertTokenizer
-
-    from peftlab.zoo import tiny_model
-
-    root = tmp_path_factory.mktemp("tiny")
-    model_dir = root / "bert"
-    tiny_model("bert").save_pretrained(model_dir)
-    words = ["good", "bad", "fine", "awful", "movie", "plot"]
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
-    (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizer(str(root / "vocab.txt")).save_pretrained(model_dir)
-    rows = [f"{w} {n}\t{int(w in ('good', 'fine'))}" for w in words[:4] for n in words[4:]] * 2
-    (root / "train.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
-    return ["train", "--model", str(model_dir), "--data", str(root / "train.tsv"), "--eval-data",
-            str(root / "train.tsv"), "--text-cols", "sentence", "--label-col", "label", "--max-steps", "1",
-            "--batch-size", "8", "--max-length", "8", "--no-progress", "--device", "cpu"]
-
-
 @pytest.mark.parametrize("method", ["bitfit", "houlsby[reduction_factor=8]+lora[r=2]"])
 def test_train_without_lr_uses_the_method_default(method: str, tiny_run_args: list[str], tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:

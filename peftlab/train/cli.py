@@ -42,7 +42,18 @@ from peftlab.train.task_setup import (
     task_report,
     wants_generative,
 )
+from peftlab.train.run_options import (
+    add_run_arguments,
+    check_run_options,
+    checkpoint_to_resume,
+    checkpoints_enabled,
+    clear_finished_checkpoints,
+    refuse_unfinished_run,
+    trainer_run_options,
+)
+from peftlab.train.runconfig import config_actions, resolve_run_args, write_run_config
 from peftlab.train.tasks import TASKS
+from peftlab.zoo.seeding import seeded
 
 
 class CliError(Exception):
@@ -120,7 +131,7 @@ def add_train_arguments(train: argparse.ArgumentParser) -> None:
     add_file_arguments(train)
     add_generative_arguments(train)
     train.add_argument("--method", default="lora[r=8]", help='method string, e.g. "lora[r=8,alpha=16]"')
-    train.add_argument("--out", required=True, help="directory for the adapter and report.json")
+    train.add_argument("--out", help="directory for the adapter and report.json (required: here or in --config)")
     train.add_argument("--epochs", type=int, default=1, help="passes over the training data")
     train.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     train.add_argument("--lr", type=float, default=None,
@@ -140,6 +151,7 @@ def add_train_arguments(train: argparse.ArgumentParser) -> None:
                        help="auto (cuda when available, else cpu), cpu, cuda, cuda:N or mps; a device this machine "
                             "lacks is an error")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_arguments(train)
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, data_note: str) -> None:
@@ -209,13 +221,24 @@ def run_train(args: argparse.Namespace, argv: Sequence[str] | None = None) -> in
     """
     from peftlab.train.data import head_module_names  # noqa: PLC0415
     from peftlab.train.evaluation import evaluate_model  # noqa: PLC0415
-    from peftlab.train.trainer import Trainer  # noqa: PLC0415
+    from peftlab.train.checkpoint import CheckpointError  # noqa: PLC0415
+    from peftlab.train.trainer import Trainer, bf16_unavailable_reason  # noqa: PLC0415
 
     started = time.perf_counter()
+    command_line = list(sys.argv[1:] if argv is None else argv)
+    with user_errors(ValueError):  # --config and --resume fill the options not given
+        args = resolve_run_args(args, command_line[command_line[:1] == ["train"]:], add_train_arguments)
+        check_run_options(args)
+    if not args.out:
+        raise CliError("give --out DIR (or out: DIR in the --config file)")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CliError(f"--out {out} exists and is not a directory")
     device = check_device(args.device)  # before anything is loaded
+    if args.bf16 and bf16_unavailable_reason(device):
+        raise CliError(f"--bf16: {bf16_unavailable_reason(device)}")
+    with user_errors(ValueError):
+        resume_from = checkpoint_to_resume(out) if args.resume else refuse_unfinished_run(out)
     with user_errors(ValueError, KeyError):
         parts = config_parts(parse_method_string(args.method))
     lr = args.lr if args.lr is not None else method_default_lr(args.method)
@@ -233,18 +256,22 @@ def run_train(args: argparse.Namespace, argv: Sequence[str] | None = None) -> in
     # The task head is freshly initialised: the adapter must carry a trainable copy of it, unless
     # the method string already says which modules to save.
     overrides = {"modules_to_save": heads} if heads and "modules_to_save" not in args.method else {}
-    with user_errors(ValueError, KeyError):
+    with user_errors(ValueError, KeyError), seeded(args.seed):  # --seed fixes the adapter's init
         pm = peftlab.apply(model, args.method, **overrides)
     groups = peftlab.param_groups(pm, lr=lr, loraplus_ratio=args.loraplus_ratio, weight_decay=args.weight_decay)
-    trainer = Trainer(
-        pm, train_loader, eval_loader, optimizer_groups=groups, lr=lr, epochs=args.epochs,
-        max_steps=args.max_steps, warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
-        grad_accum=args.grad_accum, eval_every=args.eval_every,
-        checkpoint_dir=out / "checkpoints" if args.eval_every else None,
-        save_fn=pm.save if args.eval_every else None,
-        progress=not args.no_progress, device=device, seed=args.seed,
-    )
-    result = trainer.train()
+    with user_errors(ValueError):  # e.g. --gradient-checkpointing on a model without it
+        trainer = Trainer(
+            pm, train_loader, eval_loader, optimizer_groups=groups, lr=lr, epochs=args.epochs,
+            max_steps=args.max_steps, warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
+            grad_accum=args.grad_accum, eval_every=args.eval_every,
+            save_fn=pm.save if checkpoints_enabled(args) else None, resume_from=resume_from,
+            progress=not args.no_progress, device=device, seed=args.seed, **trainer_run_options(args, out),
+        )
+    if resume_from is None:
+        clear_finished_checkpoints(out)
+        write_run_config(out, args, config_actions(add_train_arguments))
+    with user_errors(CheckpointError):  # a checkpoint of another model, method or schedule
+        result = trainer.train()
     pm.save(out)
     counts = pm.report()
     report = {
@@ -263,7 +290,7 @@ def run_train(args: argparse.Namespace, argv: Sequence[str] | None = None) -> in
         "loraplus_ratio": args.loraplus_ratio,
         **{k: v for k, v in result.items() if k != "eval"},
         "total_time_s": time.perf_counter() - started,
-        "argv": list(sys.argv[1:] if argv is None else argv), "seed": args.seed, "versions": versions(),
+        "argv": command_line, "seed": args.seed, "versions": versions(),
         "no_header": bool(getattr(args, "no_header", False)),
         **task_report(train_ex, eval_ex, (train_loader, eval_loader), result["eval"]),
     }
