@@ -64,7 +64,8 @@ class TrainingHooks:
 
 def total_regularizer(hooks: Iterable[TrainingHooks], like: torch.Tensor) -> torch.Tensor:
     """Σ of the hooks' loss terms as a 0-dim tensor on ``like``'s device (0 when none adds one)."""
-    total = like.new_zeros(())
+    # torch.zeros, not like.new_zeros: a sharded (FSDP) parameter would make the sum a DTensor.
+    total = torch.zeros((), device=like.device, dtype=like.dtype)
     for h in hooks:
         term = h.regularizer()
         if term is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -102,11 +102,14 @@ def task_of(loaders: Sequence[Any], batch: Batch | None, kind: str | None = None
 
 def evaluate_model(model: nn.Module, loader: Iterable[Mapping[str, Any]], device: str | torch.device = "cpu",
                    kind: str | None = None, metrics: Sequence[str] | None = None,
-                   mixed_precision: bool | None = None) -> dict[str, Any]:
+                   mixed_precision: bool | None = None, gather: Callable[..., Any] | None = None) -> dict[str, Any]:
     """Mean loss and task metrics of ``model`` on ``loader``; the model's train/eval mode is restored.
 
     Classification predictions are the argmax of the logits, regression predictions the logits
     squeezed to one value per example. ``mixed_precision=None`` means bf16 where the device has it.
+    ``gather`` (several processes, each with its share of the set: ``train/distributed.py``) turns
+    this process's loss sum, count, predictions and labels into everyone's before the metrics are
+    computed; it is given a function that repeats the last forward pass.
     Returns ``{"loss", <metric>..., "examples", "eval_time_s"}`` plus, so that a model that answers
     one class for everything shows, ``predicted_class_counts`` (examples per predicted class id;
     classification) or ``prediction_std`` (regression). A causal-lm or seq2seq eval set
@@ -143,6 +146,9 @@ def evaluate_model(model: nn.Module, loader: Iterable[Mapping[str, Any]], device
                 else:
                     preds.append(logits.argmax(dim=-1).reshape(-1).cpu())
                 labels.append(batch["labels"].reshape(-1).cpu())
+            if gather is not None:
+                total_loss, count, preds, labels = gather(total_loss, count, preds, labels,
+                                                          lambda: forward_loss(model, batch, kind, amp))
     finally:
         model.train(was_training)
     if count == 0:
