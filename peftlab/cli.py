@@ -1,9 +1,10 @@
 """The ``peftlab`` command: ``train`` an adapter, show its ``info``, run the ``bench``, list the
-registered ``methods``.
+registered ``methods``, ``serve`` a model and its adapters.
 
 This module only dispatches: each subcommand's arguments and implementation live in its own layer
-(``train`` and ``info`` in :mod:`peftlab.train.cli`, ``bench`` in :mod:`peftlab.bench.cli`), and
-those layers never import this one. Only ``methods``, which reads the registry, is implemented here.
+(``train`` and ``info`` in :mod:`peftlab.train.cli`, ``bench`` in :mod:`peftlab.bench.cli`, ``serve``
+and ``bench serve`` in :mod:`peftlab.serve.cli` and :mod:`peftlab.serve.bench.cli`), and those layers
+never import this one. Only ``methods``, which reads the registry, is implemented here.
 
 Bad input (unknown task, missing file, unknown column, bad method string, a method that does not
 apply to the model, a ``--device`` this machine lacks...) prints one line ``peftlab: error: ...``
@@ -45,6 +46,7 @@ from peftlab.train.examples import DataError
 
 BENCH_HELP = "run the benchmark (arguments go to peftlab.bench)"
 METHODS_HELP = "list the registered PEFT methods (name, family, sites, merges, default lr, ...)"
+SERVE_HELP = "serve the model and its adapters over an OpenAI-compatible HTTP API (arguments go to peftlab.serve)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog="peftlab COMMAND --help shows a command's options and their defaults.",
                                      formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--version", action="version", version=f"peftlab {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,info,eval,generate,bench,methods}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,info,eval,generate,bench,methods,serve}")
     add_train_arguments(sub.add_parser("train", help=TRAIN_HELP, description=TRAIN_HELP,
                                        formatter_class=DefaultsHelpFormatter))
     add_info_arguments(sub.add_parser("info", help=INFO_HELP, description=INFO_HELP,
@@ -63,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_arguments(sub.add_parser("generate", help=GENERATE_HELP, description=GENERATE_HELP,
                                           formatter_class=DefaultsHelpFormatter))
     sub.add_parser("bench", help=BENCH_HELP, add_help=False)
+    sub.add_parser("serve", help=SERVE_HELP, add_help=False)
     methods = sub.add_parser("methods", help=METHODS_HELP, description=METHODS_HELP,
                              formatter_class=DefaultsHelpFormatter)
     methods.add_argument("--json", action="store_true", help="print the registry as a JSON list")
@@ -109,13 +112,21 @@ def run_methods(args: argparse.Namespace) -> int:
 
 # -- entry point ----------------------------------------------------------------------------------
 
-def run_bench(argv: Sequence[str]) -> int:
-    """``peftlab bench ...``: hand the arguments to ``peftlab.bench.cli.main``."""
+def _run_module(module: str, command: str, argv: Sequence[str]) -> int:
+    """Hand ``argv`` to ``module.main`` (imported only now: its extra dependencies may be missing)."""
     try:
-        bench_cli = importlib.import_module("peftlab.bench.cli")
+        command_cli = importlib.import_module(module)
     except ImportError as err:
-        raise CliError(f"peftlab bench is not available in this install ({one_line(err)})") from err
-    return int(bench_cli.main(list(argv)) or 0)
+        raise CliError(f"{command} is not available in this install ({one_line(err)})") from err
+    return int(command_cli.main(list(argv)) or 0)
+
+
+def run_bench(argv: Sequence[str]) -> int:
+    """``peftlab bench ...``: hand the arguments to ``peftlab.bench.cli.main``; ``bench serve``, the
+    serving load benchmark, lives in the serve layer above bench (``peftlab.serve.bench.cli``)."""
+    if list(argv[:1]) == ["serve"]:
+        return _run_module("peftlab.serve.bench.cli", "peftlab bench serve (pip install 'peftlab[serve]')", argv[1:])
+    return _run_module("peftlab.bench.cli", "peftlab bench", argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -127,6 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args_list[:1] == ["bench"]:
             return run_bench(args_list[1:])
+        if args_list[:1] == ["serve"]:
+            return _run_module("peftlab.serve.cli", "peftlab serve (pip install 'peftlab[serve]')", args_list[1:])
         args = build_parser().parse_args(args_list)
         if args.command == "train":
             return run_train(args, args_list)

@@ -138,7 +138,7 @@ def _imported_modules(path: Path, package: str) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("layer", ["train", "bench"])
+@pytest.mark.parametrize("layer", ["train", "bench", "serve"])
 def test_lower_layers_do_not_import_the_command_line(layer: str) -> None:
     files = sorted((ROOT / "peftlab" / layer).rglob("*.py"))
     assert files

@@ -1,6 +1,8 @@
 """``peftlab bench ...``: the benchmark's command line. ``peftlab bench lora`` compares peftlab with
 Hugging Face PEFT on LoRA/DoRA training steps, inference and mixed-adapter batches; ``peftlab bench
-methods`` runs every registered method under one budget (:mod:`peftlab.bench.standard_cli`).
+methods`` runs every registered method under one budget (:mod:`peftlab.bench.standard_cli`). ``peftlab
+bench serve``, the serving load benchmark, is dispatched by :mod:`peftlab.cli` to
+:mod:`peftlab.serve.bench.cli` (the serve layer sits above this one).
 
     peftlab bench lora [--models smollm2,minilm] [--steps N] [--out runs/bench_lora.json]
                        [--quick] [--only train|infer|mixed] [--threads N] [--device auto|cpu|cuda]
@@ -33,7 +35,8 @@ def _csv(choices: Sequence[str], what: str):
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``peftlab bench`` argument parser (subcommands ``lora`` and ``methods``)."""
-    parser = argparse.ArgumentParser(prog="peftlab bench", description="Benchmarks: peftlab vs Hugging Face PEFT.",
+    parser = argparse.ArgumentParser(prog="peftlab bench", description="Benchmarks: peftlab vs Hugging Face PEFT. (peftlab bench serve: "
+                                     "the serving load benchmark, see peftlab bench serve --help.)",
                                      formatter_class=DefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="bench", required=True, metavar="{lora,methods}")
     lora = sub.add_parser("lora", help="LoRA/DoRA: train step, inference, mixed-adapter batches",

@@ -79,8 +79,9 @@ class WorkerError(RuntimeError):
     """A benchmark subprocess failed; the message holds the tail of its stderr."""
 
 
-def run_isolated(job: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
-    """Run ``job`` in a fresh ``python -m peftlab.bench.worker`` process and return its result.
+def run_isolated(job: dict[str, Any], timeout: float | None = None, worker: str = "peftlab.bench.worker") -> dict[str, Any]:
+    """Run ``job`` in a fresh ``python -m <worker>`` process (default :mod:`peftlab.bench.worker`; a
+    worker module takes ``JOB.json RESULT.json``) and return its result.
 
     The job travels as a JSON file, the result comes back as another (stdout and stderr stay free
     for the libraries' own chatter)."""
@@ -91,7 +92,7 @@ def run_isolated(job: dict[str, Any], timeout: float | None = None) -> dict[str,
         env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
                "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
         proc = subprocess.run(
-            [sys.executable, "-m", "peftlab.bench.worker", str(job_file), str(out_file)],
+            [sys.executable, "-m", worker, str(job_file), str(out_file)],
             env=env, capture_output=True, text=True, timeout=timeout,
         )
         if proc.returncode != 0 or not out_file.exists():
