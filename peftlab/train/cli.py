@@ -22,6 +22,7 @@ import peftlab
 from peftlab.core.config import adapter_method, config_parts, parse_method_string
 from peftlab.core.io import PEFTLAB_CONFIG_NAME
 from peftlab.core.registry import get_method
+from peftlab.train.distributed import ProcessesError, add_distributed_arguments, check_fsdp_options, start_processes
 from peftlab.train.examples import DataError, Examples
 from peftlab.train.report import (
     REPORT_FILE,
@@ -52,6 +53,8 @@ from peftlab.train.run_options import (
     trainer_run_options,
 )
 from peftlab.train.runconfig import config_actions, resolve_run_args, write_run_config
+from peftlab.train.dropout import disable_dropout
+from peftlab.train.multi_options import add_multi_arguments, requested_adapters
 from peftlab.train.tasks import TASKS
 from peftlab.zoo.seeding import seeded
 
@@ -124,13 +127,17 @@ def check_device(name: str, kinds: Sequence[str] = ("cpu", "cuda", "mps")) -> st
 def add_train_arguments(train: argparse.ArgumentParser) -> None:
     """The arguments of ``peftlab train``, added to ``train`` (its subparser)."""
     train.add_argument("--model", default="minilm", help="zoo name (minilm, smollm2) or a Hugging Face model directory")
-    train.add_argument("--task", help=f"registered task: {', '.join(TASKS)}; the glue_ prefix, case and '-' may be "
-                                      "left out (sst2, SST-2 and glue_sst2 are one task; mnli is glue_mnli_subset); "
-                                      f"instruction tuning: {', '.join(GENERATIVE_TASKS)}")
+    train.add_argument("--task", action="append",
+                       help=f"registered task: {', '.join(TASKS)}; the glue_ prefix, case and '-' may be "
+                            "left out (sst2, SST-2 and glue_sst2 are one task; mnli is glue_mnli_subset); "
+                            f"instruction tuning: {', '.join(GENERATIVE_TASKS)}; repeated with --method: one "
+                            "adapter per pair, trained in one run")
     add_data_arguments(train, "instead of --task")
     add_file_arguments(train)
     add_generative_arguments(train)
-    train.add_argument("--method", default="lora[r=8]", help='method string, e.g. "lora[r=8,alpha=16]"')
+    train.add_argument("--method", action="append",
+                       help='method string, e.g. "lora[r=8,alpha=16]" (default: lora[r=8]); repeat --method (paired '
+                            "in order with --task) to train several adapters over one base in one run")
     train.add_argument("--out", help="directory for the adapter and report.json (required: here or in --config)")
     train.add_argument("--epochs", type=int, default=1, help="passes over the training data")
     train.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
@@ -151,7 +158,9 @@ def add_train_arguments(train: argparse.ArgumentParser) -> None:
                        help="auto (cuda when available, else cpu), cpu, cuda, cuda:N or mps; a device this machine "
                             "lacks is an error")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_distributed_arguments(train)
     add_run_arguments(train)
+    add_multi_arguments(train)
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, data_note: str) -> None:
@@ -229,12 +238,21 @@ def run_train(args: argparse.Namespace, argv: Sequence[str] | None = None) -> in
     with user_errors(ValueError):  # --config and --resume fill the options not given
         args = resolve_run_args(args, command_line[command_line[:1] == ["train"]:], add_train_arguments)
         check_run_options(args)
+        several = requested_adapters(args)  # repeated --method/--task, or adapters: in the run config
     if not args.out:
         raise CliError("give --out DIR (or out: DIR in the --config file)")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CliError(f"--out {out} exists and is not a directory")
+    if several:
+        from peftlab.train.multi_cli import run_multi  # noqa: PLC0415
+
+        return run_multi(args, several, command_line)
     device = check_device(args.device)  # before anything is loaded
+    with user_errors(ProcessesError):  # under torchrun / accelerate launch: join the other processes
+        processes = start_processes(device, fsdp=args.fsdp)
+        check_fsdp_options(processes, args)
+    device = str(processes.device)  # several processes on CUDA: cuda:LOCAL_RANK
     if args.bf16 and bf16_unavailable_reason(device):
         raise CliError(f"--bf16: {bf16_unavailable_reason(device)}")
     with user_errors(ValueError):
@@ -245,35 +263,43 @@ def run_train(args: argparse.Namespace, argv: Sequence[str] | None = None) -> in
     lr_source = "--lr" if args.lr is not None else "method default"
     train_ex, eval_ex, data_name = _load_data(args)
     model, tokenizer = _load_model(args.model, train_ex)
+    if args.no_dropout:
+        disable_dropout(model)
     with user_errors(ValueError):  # NotApplicableError (bitfit on Llama...) before the first evaluation
         for part in parts:
             get_method(adapter_method(part)).check_applicable(model)
     with user_errors(ValueError):
         train_loader, eval_loader = task_loaders(args, train_ex, eval_ex, model, tokenizer)
+        train_loader, eval_loader = processes.shard_train(train_loader), processes.shard_eval(eval_loader, train_ex.kind)
     model.to(device)
-    before = evaluate_model(model, eval_loader, device)
+    before = evaluate_model(model, eval_loader, device, gather=processes.eval_gather(eval_loader))
     heads = [] if train_ex.is_generative else head_module_names(model)  # an LM's own head is pretrained
     # The task head is freshly initialised: the adapter must carry a trainable copy of it, unless
     # the method string already says which modules to save.
     overrides = {"modules_to_save": heads} if heads and "modules_to_save" not in args.method else {}
     with user_errors(ValueError, KeyError), seeded(args.seed):  # --seed fixes the adapter's init
         pm = peftlab.apply(model, args.method, **overrides)
+    with user_errors(ProcessesError, ValueError):  # DDP, or FSDP (which replaces the parameters: groups after)
+        trained = processes.prepare(pm)
     groups = peftlab.param_groups(pm, lr=lr, loraplus_ratio=args.loraplus_ratio, weight_decay=args.weight_decay)
     with user_errors(ValueError):  # e.g. --gradient-checkpointing on a model without it
         trainer = Trainer(
-            pm, train_loader, eval_loader, optimizer_groups=groups, lr=lr, epochs=args.epochs,
+            trained, train_loader, eval_loader, optimizer_groups=groups, lr=lr, epochs=args.epochs,
             max_steps=args.max_steps, warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
             grad_accum=args.grad_accum, eval_every=args.eval_every,
             save_fn=pm.save if checkpoints_enabled(args) else None, resume_from=resume_from,
             progress=not args.no_progress, device=device, seed=args.seed, **trainer_run_options(args, out),
+            processes=processes,
         )
-    if resume_from is None:
+    if resume_from is None and processes.is_main:
         clear_finished_checkpoints(out)
         write_run_config(out, args, config_actions(add_train_arguments))
     with user_errors(CheckpointError):  # a checkpoint of another model, method or schedule
         result = trainer.train()
-    pm.save(out)
-    counts = pm.report()
+    with processes.full_adapters():  # FSDP: the adapter gathered from its shards (every process)
+        if processes.is_main:
+            pm.save(out)
+        counts = pm.report()
     report = {
         "model": args.model, "task": data_name, "method": args.method,
         "method_resolved": counts.get("method"),
@@ -293,9 +319,12 @@ def run_train(args: argparse.Namespace, argv: Sequence[str] | None = None) -> in
         "argv": command_line, "seed": args.seed, "versions": versions(),
         "no_header": bool(getattr(args, "no_header", False)),
         **task_report(train_ex, eval_ex, (train_loader, eval_loader), result["eval"]),
+        "processes": {**processes.describe(), "global_batch": args.batch_size * args.grad_accum * processes.world_size},
     }
-    write_report(out, report)
-    print(format_table(summary_rows(report), title=f"peftlab train -> {out}"))
+    if processes.is_main:
+        write_report(out, report)
+        print(format_table(summary_rows(report), title=f"peftlab train -> {out}"))
+    processes.close()
     return 0
 
 

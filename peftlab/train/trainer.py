@@ -29,6 +29,7 @@ from peftlab.train.checkpoint import (
     write_checkpoint,
 )
 from peftlab.train.data_order import BatchStream
+from peftlab.train.distributed import OneProcess, unwrap
 from peftlab.train.early_stopping import EarlyStopping
 from peftlab.train.evaluation import bf16_available, evaluate_model, forward_loss, task_of, to_device
 from peftlab.train.memory import PeakMemory
@@ -159,6 +160,7 @@ class Trainer:
         early_stopping_metric: str | None = None,
         log_dir: str | Path | None = None,
         resume_from: str | Path | None = None,
+        processes: OneProcess | None = None,
     ) -> None:
         """Check the settings and build the optimizer and schedule (see the class docstring)."""
         if lr <= 0:
@@ -185,9 +187,12 @@ class Trainer:
         if bf16 and bf16_unavailable_reason(device):
             raise ValueError(f"bf16 requested, but {bf16_unavailable_reason(device)}")
         self.model = model
+        # Several processes (train/distributed.py): model is DDP over the PeftModel, or FSDP-sharded;
+        # only process 0 writes files, logs and the bar; step losses and eval sets are combined.
+        self.processes = processes or OneProcess(device)
         # A PeftModel's methods may act during training (core/training.py): loss terms, per-step
         # actions, calibration. The trainer calls the container's protocol, never a method's code.
-        self.peft = model if isinstance(model, PeftModel) else None
+        self.peft = unwrap(model) if isinstance(unwrap(model), PeftModel) else None
         self.calibration_batches = calibration_batches
         self.train_loader = train_loader
         self.eval_loader = eval_loader
@@ -196,9 +201,9 @@ class Trainer:
         self.grad_accum = grad_accum
         self.eval_every = eval_every
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-        self.save_fn: SaveFn = save_fn or (lambda d: save_trainable(self.model, d))
+        self.save_fn: SaveFn = save_fn or (lambda d: save_trainable(unwrap(self.model), d))
         self.max_grad_norm = max_grad_norm
-        self.progress = progress
+        self.progress = progress and self.processes.is_main
         self.device = torch.device(device)
         self.seed = seed
         self.kind = kind
@@ -207,7 +212,7 @@ class Trainer:
         self.save_every = save_every if save_every is not None else (eval_every if checkpoint_dir else None)
         self.keep_checkpoints = keep_checkpoints
         self.early_stopping = (early_stopping_patience, early_stopping_metric)
-        self.log_dir = Path(log_dir) if log_dir is not None else None
+        self.log_dir = Path(log_dir) if log_dir is not None and self.processes.is_main else None
         self.resume_from = Path(resume_from) if resume_from is not None else None
         self.gradient_checkpointing = gradient_checkpointing
         if gradient_checkpointing:
@@ -281,7 +286,8 @@ class Trainer:
             raise ValueError("no loader to evaluate")
         kind = self.kind or self._dataset_attr("kind", loader)
         metrics = self.metrics or self._dataset_attr("metrics", loader)
-        result = evaluate_model(self.model, loader, self.device, kind, metrics, self.mixed_precision)
+        result = evaluate_model(self.model, loader, self.device, kind, metrics, self.mixed_precision,
+                                gather=self.processes.eval_gather(loader))
         self._sync()
         return result
 
@@ -317,11 +323,13 @@ class Trainer:
 
         def fill(folder: Path) -> None:
             self.save_fn(folder)
-            save_trainer_state(folder, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+            save_trainer_state(folder, model=unwrap(self.model), optimizer=self.optimizer, scheduler=self.scheduler,
                                progress=progress.to_json(), rng=rng, hooks=self._hook_states())
 
-        write_checkpoint(self.checkpoint_dir, name, progress.step, fill)
-        prune_checkpoints(self.checkpoint_dir, self.keep_checkpoints)
+        if self.processes.is_main:  # DDP: every process holds the same adapter and optimizer state
+            write_checkpoint(self.checkpoint_dir, name, progress.step, fill)
+            prune_checkpoints(self.checkpoint_dir, self.keep_checkpoints)
+        self.processes.barrier()
 
     def _restore(self, checkpoint: Path, stream: BatchStream, stopper: EarlyStopping | None) -> RunProgress:
         """Load checkpoint ``checkpoint`` into the model, optimizer, scheduler, methods' training
@@ -332,7 +340,7 @@ class Trainer:
             progress.check_same_settings(self._settings())
         except ValueError as err:
             raise CheckpointError(f"{checkpoint}: {err}") from None
-        load_model_tensors(self.model, state["tensors"])
+        load_model_tensors(unwrap(self.model), state["tensors"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.peft is not None:
@@ -371,7 +379,7 @@ class Trainer:
             loss_sum += float(loss.detach())
             examples += _batch_size(batch)
             tokens += _count_tokens(batch)
-        mean_loss = loss_sum / len(group)
+        mean_loss, examples, tokens = self.processes.step_totals(loss_sum / len(group), examples, tokens)
         if not math.isfinite(mean_loss):
             raise FloatingPointError(f"training loss became {mean_loss} at step {progress.step + 1}")
         grad_norm = self._clip_gradients(params)
