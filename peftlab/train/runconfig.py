@@ -20,6 +20,9 @@ from typing import Any
 
 #: Options that are not run settings: they cannot appear in a run config.
 NOT_CONFIG_KEYS = frozenset({"help", "config", "resume"})
+#: Keys a run config may hold beside the options: structured values that their own code checks
+#: (``adapters``: the adapters of a joint run, :func:`peftlab.train.multi_options.requested_adapters`).
+STRUCTURED_KEYS = frozenset({"adapters"})
 CONFIG_FORMATS = {".yaml": "yaml", ".yml": "yaml", ".json": "json"}
 #: Written into ``--out`` when a run starts: every option's value (``peftlab train --config`` reads it).
 RUN_CONFIG_FILE = "run_config.json"
@@ -139,10 +142,14 @@ def check_config(data: dict[Any, Any], actions: dict[str, argparse.Action], sour
     for raw_key, value in data.items():
         key = str(raw_key).replace("-", "_")
         action = actions.get(key)
+        if key in STRUCTURED_KEYS:
+            out[key] = value
+            continue
         if action is None:
-            near = difflib.get_close_matches(key, list(actions), n=1, cutoff=0.6)
+            known = [*actions, *STRUCTURED_KEYS]
+            near = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
-            raise RunConfigError(f"{source}: unknown key {raw_key!r}{hint}; valid keys: {', '.join(sorted(actions))}")
+            raise RunConfigError(f"{source}: unknown key {raw_key!r}{hint}; valid keys: {', '.join(sorted(known))}")
         out[key] = check_value(key, value, action, source)
     return out
 
