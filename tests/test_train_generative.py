@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import peftlab
 from peftlab.cli import main
@@ -24,19 +23,14 @@ from peftlab.train.examples import Examples
 from peftlab.train.generative_data import IGNORE_INDEX, encode_generative, prompt_ids
 from peftlab.train.generation import generate_continuations
 from peftlab.train.prompts import PLAIN_TEMPLATE, choose_format
+from conftest import one_thread
 from tiny_dirs import tiny_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_data = pytest.mark.skipif(find_data_dir() is None, reason="benchmark data (shared/data) not found")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models run fastest on one thread on a busy 2-core machine; restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 
 def _peftlab(*args: str) -> subprocess.CompletedProcess[str]:
@@ -144,7 +138,8 @@ def test_eval_subprocess_gives_the_training_runs_metric(tmp_path: Path, capsys: 
     assert result["metrics"]["accuracy"] == report["metric_after"]
     assert result["metrics"]["loss"] == pytest.approx(report["metrics_after"]["loss"], abs=1e-4)
     assert result["baseline"] == report["baseline"] and result["baseline"]["kind"] == "majority class"
-    assert re.search(rf"accuracy +{report['metric_after']:.4f}\n", run.stdout) and "majority class: always" in run.stdout
+    assert re.search(rf"accuracy +{report['metric_after']:.4f}\n", run.stdout)
+    assert "majority class: always" in run.stdout
 
 
 # -- instruction tuning SmolLM2, exact match, and peftlab generate as a real process --------------------

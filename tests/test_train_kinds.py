@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from peftlab.cli import main
 from peftlab.train.baselines import baseline_check, constant_baseline
 from peftlab.train.data import load_file, load_task
 from peftlab.train.examples import DataError, Examples
+from conftest import one_thread
 from tiny_dirs import WORDS, tiny_model_dir
 
 #: Four lines of GLUE's own CoLA train.tsv layout: source, label, original label (blank), sentence.
@@ -31,13 +31,7 @@ COLA_LINES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread on a busy 2-core machine; restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 
 def _fails_with(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
@@ -212,5 +206,6 @@ def test_prompts_longer_than_the_context_are_counted_or_refused(tmp_path: Path,
     assert "9 kept, 3 truncated, 2 dropped (limit 64 tokens)" in printed
     data.write_text(json.dumps({"q": long_prompt, "a": "fine"}) + "\n")
     err = _fails_with(["train", "--model", str(model), "--data", str(data), "--eval-data", str(data), "--prompt-col",
-                       "q", "--response-col", "a", "--out", str(tmp_path / "o2"), *QUICK, "--max-length", "512"], capsys)
+                       "q", "--response-col", "a", "--out", str(tmp_path / "o2"), *QUICK, "--max-length", "512"],
+                     capsys)
     assert "every one of the 1 prompts is longer than the 64-token limit (--max-length 512, model context 64)" in err
