@@ -23,4 +23,7 @@ Modules:
 * :mod:`~peftlab.bench.workers` -- the pool of worker processes;
 * :mod:`~peftlab.bench.standard_report` -- report.md and the plots;
 * :mod:`~peftlab.bench.smoke` -- tiny models, hash tokenizer and synthetic task of the smoke preset.
+
+``peftlab bench multi`` (:mod:`~peftlab.bench.multi`): several adapters trained in one joint
+``peftlab train`` run against one run per adapter (wall time, CPU time, peak memory).
 """

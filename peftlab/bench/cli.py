@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from peftlab.bench import standard_cli
+from peftlab.bench import multi as multi_bench
 from peftlab.bench.models import SPECS
 from peftlab.bench.suite import SECTIONS, Options
 from peftlab.train.cli import CliError, DefaultsHelpFormatter, check_device
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftlab bench", description="Benchmarks: peftlab vs Hugging Face PEFT. (peftlab bench serve: "
                                      "the serving load benchmark, see peftlab bench serve --help.)",
                                      formatter_class=DefaultsHelpFormatter)
-    sub = parser.add_subparsers(dest="bench", required=True, metavar="{lora,methods}")
+    sub = parser.add_subparsers(dest="bench", required=True, metavar="{lora,methods,multi}")
     lora = sub.add_parser("lora", help="LoRA/DoRA: train step, inference, mixed-adapter batches",
                           description="LoRA/DoRA training steps, inference (merged and unmerged) and mixed-adapter "
                                       "batches, peftlab and PEFT side by side in one run.",
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--no-plot", action="store_true", help="do not write the plot")
     lora.add_argument("--quiet", action="store_true", help="no progress bar")
     standard_cli.add_parser(sub)
+    multi_bench.add_parser(sub)
     return parser
 
 
@@ -79,6 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``peftlab bench`` with ``argv`` (without the leading ``bench``); returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.bench == "multi":
+        _warn_if_busy(args.threads)
+        return multi_bench.main(args)
     if args.bench == "methods":
         return standard_cli.main(args, argv[1:])
     if args.steps < 1:
