@@ -47,6 +47,10 @@ from peftlab.train.examples import DataError
 BENCH_HELP = "run the benchmark (arguments go to peftlab.bench)"
 METHODS_HELP = "list the registered PEFT methods (name, family, sites, merges, default lr, ...)"
 SERVE_HELP = "serve the model and its adapters over an OpenAI-compatible HTTP API (arguments go to peftlab.serve)"
+OFFSITE_HELP = "Offsite-Tuning: emulate (cut a lossy emulator), plug (trained adapter blocks back into the model)"
+SPLIT_HELP = "split training (DLoRA): serve (the frozen model), train (data and adapter in another process)"
+#: Subcommands that parse their own arguments: {name: the module whose main() runs them}.
+OWN_PARSERS = {"offsite": "peftlab.train.offsite.cli", "split": "peftlab.train.split.cli"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog="peftlab COMMAND --help shows a command's options and their defaults.",
                                      formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--version", action="version", version=f"peftlab {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,info,eval,generate,bench,methods,serve}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,info,eval,generate,bench,methods,serve,offsite,split}")
     add_train_arguments(sub.add_parser("train", help=TRAIN_HELP, description=TRAIN_HELP,
                                        formatter_class=DefaultsHelpFormatter))
     add_info_arguments(sub.add_parser("info", help=INFO_HELP, description=INFO_HELP,
@@ -66,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                                           formatter_class=DefaultsHelpFormatter))
     sub.add_parser("bench", help=BENCH_HELP, add_help=False)
     sub.add_parser("serve", help=SERVE_HELP, add_help=False)
+    sub.add_parser("offsite", help=OFFSITE_HELP, add_help=False)
+    sub.add_parser("split", help=SPLIT_HELP, add_help=False)
     methods = sub.add_parser("methods", help=METHODS_HELP, description=METHODS_HELP,
                              formatter_class=DefaultsHelpFormatter)
     methods.add_argument("--json", action="store_true", help="print the registry as a JSON list")
@@ -126,6 +132,8 @@ def run_bench(argv: Sequence[str]) -> int:
     serving load benchmark, lives in the serve layer above bench (``peftlab.serve.bench.cli``)."""
     if list(argv[:1]) == ["serve"]:
         return _run_module("peftlab.serve.bench.cli", "peftlab bench serve (pip install 'peftlab[serve]')", argv[1:])
+    if list(argv[:1]) in (["offsite"], ["split"]):  # their own modules: Offsite-Tuning, split training
+        return _run_module(f"peftlab.bench.{argv[0]}", f"peftlab bench {argv[0]}", argv[1:])
     return _run_module("peftlab.bench.cli", "peftlab bench", argv)
 
 
@@ -140,6 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_bench(args_list[1:])
         if args_list[:1] == ["serve"]:
             return _run_module("peftlab.serve.cli", "peftlab serve (pip install 'peftlab[serve]')", args_list[1:])
+        if args_list[:1] and args_list[0] in OWN_PARSERS:
+            return _run_module(OWN_PARSERS[args_list[0]], f"peftlab {args_list[0]}", args_list[1:])
         args = build_parser().parse_args(args_list)
         if args.command == "train":
             return run_train(args, args_list)

@@ -36,6 +36,9 @@ class Delta(nn.Module):
     #: ``position_embeddings`` a Llama self-attention receives: LLaMA-Adapter). For a sub-batch,
     #: tensors whose first dimension is the batch are given the sub-batch's rows.
     reads_call: ClassVar[bool] = False
+    #: Parallel and output sites: False when ``forward`` reads only the dtype of ``y``, never its values
+    #: (it then accepts ``y=None``); split training sends y across its transport only when True.
+    reads_output: ClassVar[bool] = True
 
     @property
     def mergeable(self) -> bool:
@@ -206,6 +209,7 @@ class HeadCopy(Delta):
     """
 
     site = "output"
+    reads_output = False  # y' = copy(x); y gives only the output dtype
 
     def __init__(self, base: nn.Module):
         super().__init__()

@@ -36,6 +36,7 @@ class LoraLinear(Delta):
 
     site = "parallel"
     merges_into = ("weight",)
+    reads_output = False  # y gives only the output dtype
     #: Whether the delta has DoRA's trainable magnitude (``magnitude_ratio``); read by ``routing.py``.
     has_magnitude = False
 
@@ -106,6 +107,7 @@ class DoraLinear(LoraLinear):
     """DoRA: parallel site Δh = (m/n − 1) ⊙ (h − b) + (m/n) ⊙ s B A x, n = ‖W0 + s B A‖_row (detached)."""
 
     merge_uses_base = True
+    reads_output = True  # Δh reads h − b
     has_magnitude = True
 
     def __init__(self, base: nn.Module, cfg: LoraConfig):
@@ -152,6 +154,7 @@ class LoraEmbedding(Delta):
 
     site = "parallel"
     merges_into = ("weight",)
+    reads_output = False
 
     def __init__(self, base: nn.Embedding, cfg: LoraConfig):
         super().__init__()
