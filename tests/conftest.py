@@ -130,6 +130,19 @@ def assert_gathered_mixed_batch(monkeypatch, delta_cls, model, a, b, names=("a",
 
 # -- the command line on a tiny model (test_cli.py, test_train_*.py) ---------------------------------
 
+def cli_error(argv: list[str], capsys) -> str:
+    """Run ``peftlab *argv`` in this process, expecting a user error (exit status 2); returns its
+    line ``peftlab: error: ...`` (the last of stderr)."""
+    from peftlab.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("peftlab: error: ") and "Traceback" not in err
+    return err
+
+
 @pytest.fixture(scope="session")
 def tiny_run_args(tmp_path_factory) -> list[str]:
     """Arguments for a one-step ``peftlab train`` on a tiny random BERT directory and a 16-row TSV."""

@@ -33,6 +33,8 @@ from peftlab.train.run_log import RunLog, read_log
 from peftlab.train.trainer import Trainer
 from peftlab.zoo import tiny_batch, tiny_model
 
+from conftest import cli_error
+
 ROOT = Path(__file__).resolve().parents[1]
 needs_data = pytest.mark.skipif(find_data_dir() is None, reason="benchmark data (shared/data) not found")
 
@@ -153,17 +155,11 @@ def test_resume_without_a_good_checkpoint_or_with_other_options_is_one_line(
     for folder in (out / "checkpoints").iterdir():
         (folder / "manifest.json").unlink()
     capsys.readouterr()
-    with pytest.raises(SystemExit):
-        main(["train", "--resume", str(out)])
-    err = capsys.readouterr().err.strip().splitlines()[-1]
+    err = cli_error(["train", "--resume", str(out)], capsys)
     assert err.startswith(f"peftlab: error: --resume {out}: no usable checkpoint") and "manifest.json is missing" in err
-    with pytest.raises(SystemExit):
-        main(["train", "--resume", str(out), "--lr", "0.5", "--no-progress"])
-    err = capsys.readouterr().err.strip()
+    err = cli_error(["train", "--resume", str(out), "--lr", "0.5", "--no-progress"], capsys)
     assert "these options differ from it: lr=0.5 (the run has None)" in err and "no_progress" not in err
-    with pytest.raises(SystemExit):
-        main(["train", "--resume", str(tmp_path / "nowhere")])
-    assert "no run_config.json there" in capsys.readouterr().err
+    assert "no run_config.json there" in cli_error(["train", "--resume", str(tmp_path / "nowhere")], capsys)
 
 
 def test_a_new_run_into_an_unfinished_runs_folder_is_refused(tiny_run_args: list[str], tmp_path: Path,
@@ -176,9 +172,8 @@ def test_a_new_run_into_an_unfinished_runs_folder_is_refused(tiny_run_args: list
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["final", "step-1"]
     shutil.rmtree(out / "checkpoints" / "final")
     capsys.readouterr()
-    with pytest.raises(SystemExit):
-        main([*tiny_run_args, "--method", "lora[r=2]", "--out", str(out)])
-    assert f"holds checkpoints of an unfinished run (step-1); continue it with --resume {out}" in capsys.readouterr().err
+    err = cli_error([*tiny_run_args, "--method", "lora[r=2]", "--out", str(out)], capsys)
+    assert f"holds checkpoints of an unfinished run (step-1); continue it with --resume {out}" in err
 
 
 # -- AdaLoRA's rank budget, the data order, the log, the checkpoint folder ----------------------------

@@ -80,7 +80,7 @@ def expected_type(action: argparse.Action) -> str:
     word = {int: "an integer", float: "a number", str: "a string"}.get(kind, f"a {getattr(kind, '__name__', kind)}")
     if kind is str and "comma" in (action.help or ""):
         word += " (comma-separated) or a list"
-    return f"a list of {word.removeprefix('a ').removeprefix('an ')}s" if _is_list(action) else word
+    return f"{word} or a list of {word.removeprefix('a ').removeprefix('an ')}s" if _is_list(action) else word
 
 
 def _scalar(value: Any, action: argparse.Action) -> Any:
@@ -88,6 +88,12 @@ def _scalar(value: Any, action: argparse.Action) -> Any:
     kind = action.type or str
     if isinstance(value, bool):
         raise TypeError
+    if kind in (int, float) and isinstance(value, str):
+        # As on the command line; YAML also reads 1e-4 (no dot) as a string.
+        try:
+            value = kind(value)
+        except ValueError:
+            raise TypeError from None
     if kind is int:
         if not isinstance(value, int):
             raise TypeError
