@@ -178,11 +178,13 @@ def test_a_new_run_into_an_unfinished_runs_folder_is_refused(tiny_run_args: list
 
 # -- AdaLoRA's rank budget, the data order, the log, the checkpoint folder ----------------------------
 
-def _adalora_run(tmp: Path, resume_from: Path | None = None, init_seed: int = 0):
+ADALORA = "adalora[init_r=6,target_r=2,tinit=1,tfinal=2,deltaT=1,dropout=0.1,targets=q_proj|v_proj]"
+
+
+def _hooked_run(tmp: Path, method: str = ADALORA, resume_from: Path | None = None, init_seed: int = 0):
     model = tiny_model("llama", task="causal-lm")
     torch.manual_seed(init_seed)
-    pm = peftlab.apply(model, "adalora[init_r=6,target_r=2,tinit=1,tfinal=2,deltaT=1,dropout=0.1,"
-                              "targets=q_proj|v_proj]")
+    pm = peftlab.apply(model, method)
     batches = []
     for i in range(4):
         b = tiny_batch(model, batch=4, seq=8, seed=i)
@@ -198,8 +200,8 @@ def test_adalora_rank_budget_resumes_exactly(tmp_path: Path) -> None:
     """AdaLoRA masks triplets by their importance (running averages of |w·grad|) on a schedule: a
     run resumed at step 4 from a fresh model, whose adapter was initialised differently, ends with
     the same masks, the same statistics and the same weights as the uninterrupted run."""
-    pm_a, a = _adalora_run(tmp_path / "a")
-    pm_b, b = _adalora_run(tmp_path / "b", resume_from=tmp_path / "a" / "step-4", init_seed=1)
+    pm_a, a = _hooked_run(tmp_path / "a")
+    pm_b, b = _hooked_run(tmp_path / "b", resume_from=tmp_path / "a" / "step-4", init_seed=1)
     assert b["resumed_at_step"] == 4 and b["loss_curve"] == a["loss_curve"]
     assert pm_b.report()["ranks"] == pm_a.report()["ranks"] and sum(pm_a.report()["ranks"].values()) == 2 * 4
     sa, sb = pm_a.training_state("default"), pm_b.training_state("default")
@@ -210,6 +212,19 @@ def test_adalora_rank_budget_resumes_exactly(tmp_path: Path) -> None:
     pa = {n: p for n, p in pm_a.named_parameters() if p.requires_grad}
     pb = {n: p for n, p in pm_b.named_parameters() if p.requires_grad}
     assert all(torch.equal(pa[n], pb[n]) for n in pa)
+
+
+def test_dylora_rank_sampling_resumes_exactly(tmp_path: Path) -> None:
+    """DyLoRA trains a rank drawn from (seed, step) at each step: the resumed run draws the ranks
+    of the uninterrupted one, so its losses and weights are the same."""
+    method = "dylora[r=6,r_min=1,alpha=6,targets=q_proj|v_proj]"
+    pm_a, a = _hooked_run(tmp_path / "a", method)
+    pm_b, b = _hooked_run(tmp_path / "b", method, resume_from=tmp_path / "a" / "step-4", init_seed=1)
+    assert b["loss_curve"] == a["loss_curve"] and pm_b.training_state("default") == pm_a.training_state("default")
+    deltas = [d for _, _, d in pm_b.placements["default"]]
+    assert {d.train_rank for d in deltas} == {d.train_rank for _, _, d in pm_a.placements["default"]}
+    pa, pb = dict(pm_a.named_parameters()), dict(pm_b.named_parameters())
+    assert all(torch.equal(pa[n], pb[n]) for n in pa if pa[n].requires_grad)
 
 
 @pytest.mark.parametrize("source", ["own generator", "global generator", "list"])
