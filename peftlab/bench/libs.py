@@ -9,6 +9,7 @@ their outputs can be compared.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -126,3 +127,21 @@ def randomize_same(models: dict[str, nn.Module], names: list[str], seed: int, st
 def trainable(wrapped: nn.Module) -> list[nn.Parameter]:
     """The parameters the optimizer updates."""
     return [p for p in wrapped.parameters() if p.requires_grad]
+
+
+def train_step(net: nn.Module, params: list[nn.Parameter], lr: float, loss: Callable[[], torch.Tensor],
+               after_step: Callable[[], None] | None = None) -> Callable[[], None]:
+    """A training step of ``net`` as a closure (``net`` is put in training mode): zero the gradients
+    (``set_to_none``), ``loss().backward()``, an AdamW step at ``lr`` on ``params``, then
+    ``after_step()`` if given (a method's per-step action, which may read the gradients)."""
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    net.train()
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss().backward()
+        optimizer.step()
+        if after_step is not None:
+            after_step()
+
+    return step

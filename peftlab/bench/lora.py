@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from peftlab.bench import libs
-from peftlab.bench.measure import MB, median, once, timed
+from peftlab.bench.measure import MB, interleaved, median, timed
 from peftlab.bench.models import SPECS, ModelSpec, load_model, logits, make_batch, prefill_kwargs
 from peftlab.core.model_calls import cache_argument
 from peftlab.train.memory import PeakMemory
@@ -80,35 +80,11 @@ def _train_step(job: dict[str, Any], spec: ModelSpec, model: nn.Module, batch: d
             net = libs.wrap(job["lib"], model, spec, libs.VARIANTS[row])
         params = libs.trainable(net)
         n_trainable = sum(p.numel() for p in params)
-        optimizer = torch.optim.AdamW(params, lr=LR)
-        net.train()
-
-        def step() -> None:
-            optimizer.zero_grad(set_to_none=True)
-            net(**batch).loss.backward()
-            optimizer.step()
+        step = libs.train_step(net, params, LR, lambda: net(**batch).loss)
     return step, n_trainable
 
 
 # -- shared by inference and mixed batches ------------------------------------------------------------
-def _interleaved(cases: dict[str, Callable[[], Callable[[], Any]]], steps: int, device: torch.device,
-                 warmup: int = 1) -> tuple[dict[str, dict[str, list[float]]], dict[str, Any]]:
-    """Time every case round by round (``warmup`` untimed rounds, then ``steps`` timed ones).
-
-    A case is a function that prepares a call untimed (copying a cache, say) and returns the call to
-    time. Returns the times per case and each case's output of the last round."""
-    times: dict[str, dict[str, list[float]]] = {k: {"wall": [], "cpu": []} for k in cases}
-    outputs: dict[str, Any] = {}
-    for rnd in range(warmup + steps):
-        for key, prepare in cases.items():
-            call = prepare()
-            wall, cpu, outputs[key] = once(call, device)
-            if rnd >= warmup:
-                times[key]["wall"].append(wall)
-                times[key]["cpu"].append(cpu)
-    return times, outputs
-
-
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
 
@@ -138,7 +114,7 @@ def infer_job(job: dict[str, Any]) -> dict[str, Any]:
     cases = {"torch#base": lambda: _no_grad(lambda: base(**batch, **kw))}
     for key, net in wrapped.items():
         cases[key] = lambda net=net: _no_grad(lambda: net(**batch, **kw))
-    times, outs = _interleaved(cases, job["steps"], device)
+    times, outs = interleaved(cases, job["steps"], device)
     rows = [{"lib": key.split("#")[0], "row": key.split("#")[1], **_summary(t)} for key, t in times.items()]
     checks = {
         "peftlab_vs_peft_unmerged": _max_diff(outs["peftlab#unmerged"], outs["peft#unmerged"]),
@@ -203,7 +179,7 @@ def mixed_job(job: dict[str, Any]) -> dict[str, Any]:
         cases[f"peft#{n}"] = lambda n=n: _no_grad(lambda: pf(**batch, adapter_names=routes[n], **kw))
         cases[f"switch#{n}"] = lambda n=n: _no_grad(
             lambda: _switching(pl, groups[n], lambda _, r: pl(**_select(batch, r), **kw)))
-    times, outs = _interleaved(cases, steps, device)
+    times, outs = interleaved(cases, steps, device)
     _collect(result, "prefill", times, outs, rows * tokens)
 
     if spec.decoder:
@@ -245,7 +221,7 @@ def _decode(base, pl, pf, batch, routes, groups, spec, steps, device):
         cases[f"peft#{n}"] = case(f"peft#{n}", lambda c, n=n: pf(**step, **{arg: c}, adapter_names=routes[n], use_cache=True))
         cases[f"switch#{n}"] = case(f"switch#{n}", lambda c, n=n: _switching(
             pl, groups[n], lambda name, r: pl(**_select(step, r), **{arg: c[name]}, use_cache=True)))
-    return _interleaved(cases, steps, device)
+    return interleaved(cases, steps, device)
 
 
 def _collect(result: dict[str, Any], phase: str, times: dict, outs: dict, tokens: int) -> None:

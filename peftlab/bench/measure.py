@@ -1,7 +1,8 @@
 """Timing, peak memory and fresh-subprocess isolation for the benchmark.
 
 * :func:`timed` runs a callable ``1 + steps`` times and keeps the wall-clock and process-CPU seconds
-  of the timed calls (the first is a warm-up); :func:`median` summarises them.
+  of the timed calls (the first is a warm-up); :func:`interleaved` times several callables round by
+  round; :func:`median` summarises them.
 * peak memory above the loaded model comes from :class:`peftlab.train.memory.PeakMemory`.
 * :func:`run_isolated` runs one job in a fresh Python process (:mod:`peftlab.bench.worker`), so that
   allocator state and the memory high-water mark of one row never leak into the next.
@@ -56,6 +57,24 @@ def once(fn: Callable[[], Any], device: torch.device | str = "cpu") -> tuple[flo
     out = fn()
     sync(device)
     return time.perf_counter() - t0, time.process_time() - c0, out
+
+
+def interleaved(cases: dict[str, Callable[[], Callable[[], Any]]], steps: int, device: torch.device,
+                warmup: int = 1) -> tuple[dict[str, dict[str, list[float]]], dict[str, Any]]:
+    """Time every case round by round (``warmup`` untimed rounds, then ``steps`` timed ones).
+
+    A case is a function that prepares a call untimed (copying a cache, say) and returns the call to
+    time. Returns the times per case and each case's output of the last round."""
+    times: dict[str, dict[str, list[float]]] = {k: {"wall": [], "cpu": []} for k in cases}
+    outputs: dict[str, Any] = {}
+    for rnd in range(warmup + steps):
+        for key, prepare in cases.items():
+            call = prepare()
+            wall, cpu, outputs[key] = once(call, device)
+            if rnd >= warmup:
+                times[key]["wall"].append(wall)
+                times[key]["cpu"].append(cpu)
+    return times, outputs
 
 
 def median(values: list[float]) -> float:

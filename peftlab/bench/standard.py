@@ -13,7 +13,9 @@ size, max length, data and seeds are the same for every method.
 Runs execute in a :class:`~peftlab.bench.workers.WorkerPool`; each finished run is appended at
 once to ``DIR/results.jsonl`` (failed and not-applicable runs too), so an interrupted benchmark
 keeps what it measured, and re-running the command skips every run already recorded (keyed by
-config string, model, task and seed). ``DIR/report.md`` and the plots are rebuilt at the end.
+job kind, config string, model, task and seed). ``DIR/report.md`` and the plots are rebuilt at the end.
+With ``--compare-peft`` the plan also holds one job per model and method that Hugging Face PEFT
+also has (:mod:`peftlab.bench.compare_peft`): our training step beside PEFT's, time and memory.
 """
 
 from __future__ import annotations
@@ -27,12 +29,15 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from peftlab.bench.compare_peft import COMPARE, COMPARE_DONE, DEFAULT_REPEATS, compare_jobs
 from peftlab.bench.standard_run import FULL, FULL_FT_LR
 
 RESULTS = "results.jsonl"
 META = "meta.json"
 #: Statuses a re-run skips (``failed`` too unless ``retry_failed``).
-DONE = ("ok", "not_applicable")
+DONE = ("ok", "not_applicable", *COMPARE_DONE)
+#: The ``job_kind`` of a benchmark run's job and record (a compare job's is ``COMPARE``; ``kind`` is the task's).
+RUN = "run"
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,11 @@ class Options:
     timeout: float | None = None
     device: str = "cpu"
     retry_failed: bool = False
+    #: Also compare our training step with Hugging Face PEFT's (``--compare-peft``); ``compare_only``:
+    #: run the comparison alone; ``compare_repeats``: interleaved timed steps per library.
+    compare_peft: bool = False
+    compare_only: bool = False
+    compare_repeats: int = DEFAULT_REPEATS
     argv: list[str] = field(default_factory=list)
 
     def resolved(self) -> Options:
@@ -136,18 +146,26 @@ def task_entries(opts: Options) -> list[dict[str, Any]]:
 
 
 def plan(opts: Options) -> list[dict[str, Any]]:
-    """Every job: models x tasks x seeds x methods, in that nesting order."""
+    """Every job: models x tasks x seeds x methods, in that nesting order (none with
+    ``compare_only``), then with ``compare_peft`` or ``compare_only`` one compare job per model and
+    method that PEFT also has, on the first task."""
     shared = budget(opts)
-    return [{"method": method, "model": model, "task": task, "seed": seed, "budget": shared,
-             "device": opts.device, "threads": opts.threads}
-            for model in opts.models or () for task in task_entries(opts)
-            for seed in range(opts.seeds or 1) for method in opts.methods or ()]
+    tasks = task_entries(opts)
+    jobs = [] if opts.compare_only else [
+        {"job_kind": RUN, "method": method, "model": model, "task": task, "seed": seed, "budget": shared,
+         "device": opts.device, "threads": opts.threads}
+        for model in opts.models or () for task in tasks
+        for seed in range(opts.seeds or 1) for method in opts.methods or ()]
+    if (opts.compare_peft or opts.compare_only) and tasks:
+        jobs += compare_jobs(list(opts.methods or ()), list(opts.models or ()), tasks[0], shared, opts.device,
+                             opts.threads or 0, opts.compare_repeats)
+    return jobs
 
 
-def key(item: dict[str, Any]) -> tuple[str, str, str, int]:
-    """The identity of a run, from a job or a record: (config string, model, task, seed)."""
+def key(item: dict[str, Any]) -> tuple[str, str, str, str, int]:
+    """The identity of a run, from a job or a record: (job kind, config string, model, task, seed)."""
     task = item["task"]["name"] if isinstance(item["task"], dict) else item["task"]
-    return (item.get("config") or item["method"], item["model"], task, int(item["seed"]))
+    return (item.get("job_kind") or RUN, item.get("config") or item["method"], item["model"], task, int(item["seed"]))
 
 
 def read_results(out: Path) -> list[dict[str, Any]]:
@@ -165,7 +183,7 @@ def read_results(out: Path) -> list[dict[str, Any]]:
     return records
 
 
-def latest(records: list[dict[str, Any]]) -> dict[tuple[str, str, str, int], dict[str, Any]]:
+def latest(records: list[dict[str, Any]]) -> dict[tuple[str, str, str, str, int], dict[str, Any]]:
     """The last record of each run (a retried run's newer line wins)."""
     return {key(r): r for r in records if r.get("model") is not None and r.get("task") is not None}
 
@@ -226,14 +244,15 @@ def run(opts: Options, progress: bool = True) -> dict[str, Any]:
                disable=not progress, dynamic_ncols=True, file=sys.stderr)
 
     def on_result(job: dict[str, Any], record: dict[str, Any]) -> None:
-        record = {**record, "config": job["method"], "model": job["model"], "task": job["task"]["name"],
-                  "seed": job["seed"], "budget": job["budget"]}
+        record = {**record, "job_kind": job.get("job_kind") or RUN, "config": job["method"], "model": job["model"],
+                  "task": job["task"]["name"], "seed": job["seed"], "budget": job["budget"]}
         record.setdefault("method", job["method"])
         _append(out, record)
+        what = f"{job['method']}{' vs PEFT' if record['job_kind'] == COMPARE else ''} {job['model']} {job['task']['name']}"
         if record["status"] == "failed":
-            failed.append(f"{job['method']} {job['model']} {job['task']['name']} seed {job['seed']}: {record['error']}")
+            failed.append(f"{what} seed {job['seed']}: {record['error']}")
             bar.write(f"bench methods: {failed[-1].splitlines()[0]}")
-        bar.set_postfix_str(f"{job['method']} {job['model']} {job['task']['name']}", refresh=False)
+        bar.set_postfix_str(what, refresh=False)
         bar.update(1)
 
     try:

@@ -3,6 +3,7 @@
     peftlab bench methods --preset smoke|glue-small|full [--methods lora,ia3,...] [--models minilm]
                           [--tasks sst2,rte] [--seeds N] [--steps N] --out DIR
     peftlab bench methods --models minilm --data train.csv --eval-data dev.csv --text-cols a,b --label-col y --out DIR
+    peftlab bench methods --preset glue-small --compare-peft [--compare-only] [--compare-repeats N] --out DIR
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from peftlab.bench.compare_peft import DEFAULT_REPEATS
 from peftlab.bench.standard import PRESETS, Options, latest, read_results, run
 from peftlab.bench.standard_run import FULL
 from peftlab.train.cli import CliError, DefaultsHelpFormatter, add_data_arguments, check_device, one_line
@@ -58,6 +60,13 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, help="seconds before a run is killed and recorded as failed")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--retry-failed", action="store_true", help="run the runs recorded as failed again")
+    p.add_argument("--compare-peft", action="store_true",
+                   help="also time our training step and Hugging Face PEFT's, interleaved, and measure both "
+                        "peaks, for every method PEFT also has (one job per model, on the first task's batch)")
+    p.add_argument("--compare-only", action="store_true",
+                   help="run only the --compare-peft jobs (no training runs)")
+    p.add_argument("--compare-repeats", type=int, default=DEFAULT_REPEATS,
+                   help="timed steps per library in a --compare-peft job, ours and PEFT's alternating")
     p.add_argument("--report-only", action="store_true", help="rebuild report.md and the plots from results.jsonl")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -133,6 +142,8 @@ def options(args: argparse.Namespace, argv: list[str]) -> Options:
     for name in ("workers", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             raise CliError(f"--{name} must be >= 0")
+    if args.compare_repeats < 1:
+        raise CliError(f"--compare-repeats must be at least 1, got {args.compare_repeats}")
     device = check_device(args.device, kinds=("cpu", "cuda"))
     user_task = _user_task(args)
     return Options(
@@ -143,6 +154,7 @@ def options(args: argparse.Namespace, argv: list[str]) -> Options:
         seeds=args.seeds, steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
         train_limit=args.train_limit, eval_limit=args.eval_limit, workers=args.workers, threads=args.threads,
         fresh_process=args.fresh_process, timeout=args.timeout, device=device, retry_failed=args.retry_failed,
+        compare_peft=args.compare_peft, compare_only=args.compare_only, compare_repeats=args.compare_repeats,
         argv=argv,
     )
 

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from peftlab.bench.compare_peft import COMPARE
 from peftlab.bench.standard_run import FULL
 
 Record = dict[str, Any]
@@ -322,8 +323,14 @@ def _save(fig: Any, path: Path, plt: Any) -> str:
 
 
 def write_report(out: Path, records: list[Record], meta: dict[str, Any]) -> dict[str, Any]:
-    """Write the plots and ``report.md`` into ``out``; returns ``{"report": path, "plots": [paths]}``."""
-    plots = plot(records, out)
+    """Write the plots and ``report.md`` into ``out``; returns ``{"report": path, "plots": [paths]}``.
+    ``--compare-peft`` records get their own section and plot (:mod:`peftlab.bench.compare_report`)."""
+    from peftlab.bench.compare_report import compare_plot, compare_records, compare_section
+
+    compared = compare_records(records)
+    runs = [r for r in records if r.get("job_kind") != COMPARE]
+    plots = plot(runs, out)
     path = out / "report.md"
-    path.write_text(render(records, meta, plots))
-    return {"report": str(path), "plots": plots}
+    path.write_text(render(runs, meta, plots) + compare_section(compared))
+    extra = compare_plot(compared, out)
+    return {"report": str(path), "plots": plots + ([extra] if extra else [])}

@@ -21,7 +21,8 @@ import platform
 import random
 import time
 import traceback
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 #: The pseudo-method of the reference row: every parameter trained (Table III's "FT").
 FULL = "full"
@@ -121,8 +122,9 @@ def _rank_max(ranks: Any) -> int | None:
     return max(values) if values else None
 
 
-def _apply(job: dict[str, Any], model: Any) -> tuple[Any, list[dict[str, Any]] | None, float, dict[str, Any]]:
-    """The trained module, its optimizer groups, its lr and its counts (before training)."""
+def apply_method(job: dict[str, Any], model: Any) -> tuple[Any, list[dict[str, Any]] | None, float, dict[str, Any]]:
+    """The job's method on ``model`` as a benchmark run trains it (default config, the task head in
+    ``modules_to_save``): the trained module, its optimizer groups, its lr and its counts."""
     import peftlab
     from peftlab.core.registry import get_method
     from peftlab.core.config import adapter_method, config_parts, parse_method_string
@@ -147,34 +149,58 @@ def _apply(job: dict[str, Any], model: Any) -> tuple[Any, list[dict[str, Any]] |
     return pm, peftlab.param_groups(pm, lr=spec.default_lr), spec.default_lr, counts
 
 
-def _execute(job: dict[str, Any], record: dict[str, Any]) -> None:
-    """Fill ``record`` with the run's results (raises on failure, ``record`` keeps what it got)."""
+@dataclass
+class Prepared:
+    """What a job starts from: its device, data, fresh model and tokenizer, the training loader
+    (None when the method does not apply) and the ``NotApplicableError`` message if it does not."""
+
+    device: Any
+    train: Any
+    evals: Any
+    model: Any
+    tokenizer: Any
+    train_loader: Any
+    not_applicable: str | None
+
+
+def prepare(job: dict[str, Any]) -> Prepared:
+    """Seed every generator from the job's seed, load its task's data and a fresh model, check that
+    the method applies, and make the training loader (the budget's batch size and max length)."""
     import torch
 
+    from peftlab.train.data import make_loader
+
+    budget, seed = job["budget"], int(job["seed"])
+    seed_everything(seed)
+    train_ex, eval_ex = load_examples(job["task"], budget)
+    model, tokenizer = load_model(job["model"], train_ex.kind, train_ex.num_labels)
+    reason = None if job["method"] == FULL else not_applicable_reason(job["method"], model)
+    loader = None if reason is not None else make_loader(train_ex, tokenizer, budget["batch_size"],
+                                                         budget["max_length"], shuffle=True, seed=seed)
+    return Prepared(torch.device(job.get("device", "cpu")), train_ex, eval_ex, model, tokenizer, loader, reason)
+
+
+def _execute(job: dict[str, Any], record: dict[str, Any]) -> None:
+    """Fill ``record`` with the run's results (raises on failure, ``record`` keeps what it got)."""
     from peftlab.train.data import make_loader
     from peftlab.train.evaluation import evaluate_model
     from peftlab.train.trainer import Trainer
 
     budget, seed = job["budget"], int(job["seed"])
-    device = torch.device(job.get("device", "cpu"))
-    seed_everything(seed)
-    train_ex, eval_ex = load_examples(job["task"], budget)
-    model, tokenizer = load_model(job["model"], train_ex.kind, train_ex.num_labels)
+    run = prepare(job)
+    train_ex, eval_ex, model, device, train_loader = run.train, run.evals, run.model, run.device, run.train_loader
     metric = train_ex.metrics[0]
     record.update(metric=metric, metric_names=list(train_ex.metrics), kind=train_ex.kind,
                   train_examples=len(train_ex), eval_examples=len(eval_ex),
                   weights_mb=sum(p.numel() * p.element_size() for p in model.parameters()) / MB)
-    if job["method"] != FULL:
-        reason = not_applicable_reason(job["method"], model)
-        if reason is not None:
-            record.update(status="not_applicable", error=reason)
-            return
-    train_loader = make_loader(train_ex, tokenizer, budget["batch_size"], budget["max_length"], shuffle=True, seed=seed)
-    eval_loader = make_loader(eval_ex, tokenizer, budget.get("eval_batch_size", 64), budget["max_length"])
+    if run.not_applicable is not None:
+        record.update(status="not_applicable", error=run.not_applicable)
+        return
+    eval_loader = make_loader(eval_ex, run.tokenizer, budget.get("eval_batch_size", 64), budget["max_length"])
     model.to(device)
     before = evaluate_model(model, eval_loader, device)
     seed_everything(seed)  # the adapter's initialisation
-    net, groups, lr, counts = _apply(job, model)
+    net, groups, lr, counts = apply_method(job, model)
     record.update(counts, lr=lr, metrics_before=before, metric_before=before.get(metric))
     record["trainable_pct"] = 100.0 * counts["trainable_params"] / max(1, counts["base_params"])
     trainer = Trainer(net, train_loader, eval_loader, optimizer_groups=groups, lr=lr, max_steps=budget["steps"],
@@ -193,23 +219,38 @@ def _execute(job: dict[str, Any], record: dict[str, Any]) -> None:
 
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
     """Run one job and return its record. Never raises for a failing method: the record's
-    ``status`` is ``ok``, ``not_applicable`` or ``failed`` (with the error and a traceback tail)."""
+    ``status`` is ``ok``, ``not_applicable`` or ``failed`` (with the error and a traceback tail).
+    A ``--compare-peft`` job (``job_kind`` ``peft_compare``) goes to :mod:`peftlab.bench.compare_peft`."""
+    from peftlab.bench.compare_peft import COMPARE, run_compare
+
+    if job.get("job_kind") == COMPARE:
+        return run_compare(job)
+    return recorded(job, _execute)
+
+
+def recorded(job: dict[str, Any], fill: Callable[[dict[str, Any], dict[str, Any]], None],
+             statuses: dict[type[Exception], str] | None = None, **fields: Any) -> dict[str, Any]:
+    """A job's record: its identity and ``fields``, then ``fill(job, record)`` (with the job's torch
+    threads), its wall time and end. ``fill`` never makes this raise: an exception of a type in
+    ``statuses`` sets that status with its message, any other ``failed`` with its type and message;
+    both keep a traceback tail."""
     import torch
 
     threads = int(job.get("threads") or 0)
     if threads:
         torch.set_num_threads(threads)
     record: dict[str, Any] = {
-        "method": method_name(job["method"]), "family": method_family(job["method"]), "config": job["method"],
+        **fields, "method": method_name(job["method"]), "family": method_family(job["method"]), "config": job["method"],
         "model": job["model"],
         "task": job["task"]["name"], "seed": int(job["seed"]), "budget": job["budget"], "status": "failed",
         "error": None, "threads": torch.get_num_threads(), "pid": os.getpid(), "host": platform.node(),
     }
     start = time.perf_counter()
     try:
-        _execute(job, record)
+        fill(job, record)
     except Exception as err:  # noqa: BLE001 - a failing method is a result, recorded with its error
-        record.update(status="failed", error=f"{type(err).__name__}: {err}",
+        status = next((v for k, v in (statuses or {}).items() if isinstance(err, k)), None)
+        record.update(status=status or "failed", error=str(err) if status else f"{type(err).__name__}: {err}",
                       traceback="".join(traceback.format_exc(limit=-6)))
     record["run_wall_s"] = time.perf_counter() - start
     record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")

@@ -33,11 +33,13 @@ def _target(kind: str, model: str, row: str, value: float, limit: float, passed:
     return {"target": kind, "model": model, "row": row, "value": value, "limit": limit, "passed": bool(passed), "text": text}
 
 
-def _no_worse_time(pl: float, pf: float) -> bool:
+def no_worse_time(pl: float, pf: float) -> bool:
+    """peftlab's time ``pl`` is no worse than PEFT's ``pf``, within :data:`TIME_TOL`."""
     return pl <= pf * (1 + TIME_TOL)
 
 
-def _no_worse_mem(pl: float, pf: float) -> bool:
+def no_worse_mem(pl: float, pf: float) -> bool:
+    """peftlab's peak ``pl`` is no worse than PEFT's ``pf``, within :data:`MEM_TOL` and :data:`MEM_ABS_MB`."""
     return pl <= pf * (1 + MEM_TOL) + MEM_ABS_MB
 
 
@@ -56,7 +58,7 @@ def train_targets(report: dict[str, Any], metric: str = "time_s") -> list[dict[s
             if not pl or not pf:
                 continue
             ratio = pl[metric] / pf[metric] if pf[metric] else float("inf")
-            out.append(_target("train_time" + sfx, model, key, ratio, 1 + TIME_TOL, _no_worse_time(pl[metric], pf[metric]),
+            out.append(_target("train_time" + sfx, model, key, ratio, 1 + TIME_TOL, no_worse_time(pl[metric], pf[metric]),
                                f"step {'time' if not sfx else 'CPU time'} {ratio:.2f}x PEFT"))
             if sfx:
                 continue
@@ -65,7 +67,7 @@ def train_targets(report: dict[str, Any], metric: str = "time_s") -> list[dict[s
                                    pl["peak_mb"] < pf["peak_mb"], f"peak {pl['peak_mb'] - pf['peak_mb']:+.0f} MB vs PEFT (must be < 0)"))
             else:
                 out.append(_target("train_mem", model, key, pl["peak_mb"] - pf["peak_mb"], MEM_ABS_MB,
-                                   _no_worse_mem(pl["peak_mb"], pf["peak_mb"]), f"peak {pl['peak_mb'] - pf['peak_mb']:+.0f} MB vs PEFT"))
+                                   no_worse_mem(pl["peak_mb"], pf["peak_mb"]), f"peak {pl['peak_mb'] - pf['peak_mb']:+.0f} MB vs PEFT"))
         rows = [idx.get((model, k, lib)) for k in ("dora_qv", "lora_qv") for lib in ("peftlab", "peft")]
         if all(rows):
             dpl, dpf, lpl, lpf = rows
