@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from peftlab.bench import standard_cli
+from peftlab.bench import processes, standard_cli
 from peftlab.bench import multi as multi_bench
 from peftlab.bench.models import SPECS
 from peftlab.bench.suite import SECTIONS, Options
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftlab bench", description="Benchmarks: peftlab vs Hugging Face PEFT. (peftlab bench serve: "
                                      "the serving load benchmark, see peftlab bench serve --help.)",
                                      formatter_class=DefaultsHelpFormatter)
-    sub = parser.add_subparsers(dest="bench", required=True, metavar="{lora,methods,multi}")
+    sub = parser.add_subparsers(dest="bench", required=True, metavar="{lora,methods,processes,multi}")
     lora = sub.add_parser("lora", help="LoRA/DoRA: train step, inference, mixed-adapter batches",
                           description="LoRA/DoRA training steps, inference (merged and unmerged) and mixed-adapter "
                                       "batches, peftlab and PEFT side by side in one run.",
@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--quiet", action="store_true", help="no progress bar")
     standard_cli.add_parser(sub)
     multi_bench.add_parser(sub)
+    processes.add_parser(sub)
     return parser
 
 
@@ -86,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return multi_bench.main(args)
     if args.bench == "methods":
         return standard_cli.main(args, argv[1:])
+    if args.bench == "processes":
+        return processes.main(args)
     if args.steps < 1:
         print("peftlab bench: error: --steps must be at least 1", file=sys.stderr)
         return 2
