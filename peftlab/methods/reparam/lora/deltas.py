@@ -24,7 +24,7 @@ from peftlab.core.config import ConfigError
 from peftlab.core.delta import Delta
 from peftlab.core.layers import layer_info, to_module_layout, weight_out_in
 from peftlab.core.quantized import logical_numel
-from peftlab.methods.reparam.lora.functional import lora_delta, principal_factors, without_bias
+from peftlab.methods.reparam.lora.functional import dora_delta, lora_delta, lora_down, principal_factors, without_bias
 from peftlab.methods.reparam.lora.routing import routed_lora
 
 if TYPE_CHECKING:
@@ -133,11 +133,12 @@ class DoraLinear(LoraLinear):
             # As PEFT: with dropout, the base term is recomputed on the same dropped input.
             xa = F.dropout(xa, self.p, True)
             base_out = F.linear(xa, weight_out_in(self.base_layer).to(g.dtype))
-            lora = self._lora_out(xa, 0.0)
         else:
             base_out = without_bias(self.base_layer, y).to(g.dtype)
-            lora = self._lora_out(xa, 0.0)
-        return ((g - 1) * base_out + g * lora).to(y.dtype)
+        if self.residual:
+            return ((g - 1) * base_out + g * self._lora_out(xa, 0.0)).to(y.dtype)
+        u = lora_down(xa, self.lora_A.weight, 0.0, self.training) * self.scaling
+        return dora_delta(base_out, u, self.lora_B.weight, g).to(y.dtype)
 
     def delta_params(self, base: nn.Module) -> dict[str, torch.Tensor]:
         """ΔW = (m/n) ⊙ (W0 + s B A) − W0."""

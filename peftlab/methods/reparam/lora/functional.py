@@ -1,9 +1,11 @@
-"""The LoRA math as pure functions: Δh = s · B A dropout(x), its dropout mask, and the PiSSA / OLoRA
-factors of W0.
+"""The LoRA math as pure functions: Δh = s · B A dropout(x), its dropout mask, DoRA's output, and
+the PiSSA / OLoRA factors of W0.
 
 Dropout is applied to A's input without keeping a dropped copy of x for backward
 (:class:`_DropoutThenLinear`): the mask is regenerated from a seed, and the 1/(1 − p) rescale is
 applied to the r-dim output. With a frozen A (LoRA-FA, Zhang et al. 2023) x is not kept at all.
+DoRA's Δh = (g − 1) ⊙ W0 x + g ⊙ s B A x keeps W0 x and the rank-r s A x for backward, not the
+full-width s B A x (:class:`_DoraDelta`): g's gradient recomputes that product, a rank-r matmul.
 """
 
 from __future__ import annotations
@@ -80,6 +82,43 @@ def lora_down(x: torch.Tensor, A: torch.Tensor, p: float, training: bool) -> tor
 def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, p: float = 0.0, training: bool = False) -> torch.Tensor:
     """Δh = s · B A dropout(x) for x of shape (..., in); the scale is applied to the r-dim middle."""
     return F.linear(lora_down(x, A, p, training) * scaling, B)
+
+
+class _DoraDelta(torch.autograd.Function):
+    """``(g − 1) ⊙ base + g ⊙ F.linear(u, B)`` that keeps ``base``, ``u`` (rank r), B and g for
+    backward, not the (…, out) product ``F.linear(u, B)``: plain autograd keeps both ``base`` and
+    that product (for g's gradient), this keeps one tensor of the layer's output width instead of
+    two. The forward's operations and the gradients' are those autograd runs."""
+
+    @staticmethod
+    def forward(ctx, base: torch.Tensor, u: torch.Tensor, B: torch.Tensor, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(base, u, B, g)
+        return (g - 1) * base + g * F.linear(u, B)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        base, u, B, g = ctx.saved_tensors
+        need_base, need_u, need_B, need_g = ctx.needs_input_grad
+        grad_base = grad * (g - 1) if need_base else None
+        grad_u = grad_B = grad_g = None
+        if need_u or need_B:
+            grad_lora = grad * g
+            if need_u:
+                grad_u = grad_lora @ B
+            if need_B:
+                grad_B = grad_lora.reshape(-1, grad_lora.shape[-1]).T @ u.reshape(-1, u.shape[-1])
+        if need_g:
+            grad_g = (grad * base).sum_to_size(g.shape) + (grad * F.linear(u, B)).sum_to_size(g.shape)
+        return grad_base, grad_u, grad_B, grad_g
+
+
+def dora_delta(base: torch.Tensor, u: torch.Tensor, B: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """DoRA's Δh = (g − 1) ⊙ base + g ⊙ B u for ``base`` = W0 x (no bias), ``u`` = s · A x (rank r)
+    and g = m / ‖W0 + s B A‖_row, the output width last; with autograd, through
+    :class:`_DoraDelta` (one full-width tensor kept for backward instead of two)."""
+    if torch.is_grad_enabled() and (base.requires_grad or u.requires_grad or B.requires_grad or g.requires_grad):
+        return _DoraDelta.apply(base, u, B, g)
+    return (g - 1) * base + g * F.linear(u, B)
 
 
 def principal_factors(w: torch.Tensor, init: str, r: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
