@@ -19,6 +19,7 @@ import peftlab
 from peftlab.cli import main
 from peftlab.core.model_calls import checkpointing_enabled
 from peftlab.train.cli import add_train_arguments
+from peftlab.train.checkpoint import CheckpointError
 from peftlab.train.early_stopping import EarlyStopping
 from peftlab.train.run_log import TENSORBOARD_MISSING, read_log
 from peftlab.train.runconfig import config_actions
@@ -275,3 +276,26 @@ def test_progress_bar_counts_steps_and_starts_at_the_resumed_step(tmp_path: Path
             resume_from=tmp_path / "step-2").train()
     err = capsys.readouterr().err
     assert "2/4" in err and "1/4" not in err and "4/4" in err
+
+
+def test_early_stopping_options_are_checked_before_training(tiny_run_args: list[str], tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    err = cli_error([*tiny_run_args, "--early-stopping-patience", "2", "--out", str(tmp_path / "a")], capsys)
+    assert "--early-stopping-patience needs evaluations during training: give --eval-every N" in err
+    err = cli_error([*tiny_run_args, "--eval-every", "1", "--early-stopping-patience", "2",
+                     "--early-stopping-metric", "auc", "--out", str(tmp_path / "b")], capsys)
+    assert "--early-stopping-metric auc: the evaluation gives no such number; it gives loss, accuracy" in err
+    assert not (tmp_path / "b" / "log.jsonl").exists()  # refused before the first step
+
+
+def test_resuming_another_run_is_refused(tmp_path: Path) -> None:
+    batches = _regression_batches(2, 4)
+    Trainer(Linear(), batches, max_steps=4, save_every=2, checkpoint_dir=tmp_path, progress=False).train()
+    with pytest.raises(CheckpointError, match=r"other settings; resuming would not continue the same run: "
+                                              r"grad_accum=2 \(saved: 1\)"):
+        Trainer(Linear(), batches, max_steps=4, grad_accum=2, checkpoint_dir=tmp_path, progress=False,
+                resume_from=tmp_path / "step-2").train()
+    with pytest.raises(CheckpointError, match=r"holds tensors this model lacks \(proj.bias, proj.weight\): it was "
+                                              "written for another model or method"):
+        Trainer(nn.Sequential(nn.Linear(4, 1)), batches, max_steps=4, checkpoint_dir=tmp_path, progress=False,
+                resume_from=tmp_path / "step-2").train()

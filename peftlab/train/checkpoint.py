@@ -160,7 +160,7 @@ def prune_checkpoints(root: str | Path, keep: int) -> list[Path]:
         raise ValueError(f"keep must be >= 1, got {keep}")
     root = Path(root)
     steps = [p for p in checkpoint_folders(root) if p.name != "final"]
-    for stale in root.glob(".tmp-*") if root.is_dir() else ():
+    for stale in [*root.glob(".tmp-*"), *root.glob(".old-*")] if root.is_dir() else ():
         shutil.rmtree(stale, ignore_errors=True)
     for old in steps[keep:]:
         shutil.rmtree(old)

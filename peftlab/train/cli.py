@@ -45,6 +45,7 @@ from peftlab.train.task_setup import (
 )
 from peftlab.train.run_options import (
     add_run_arguments,
+    check_early_stopping_metric,
     check_run_options,
     checkpoint_to_resume,
     checkpoints_enabled,
@@ -273,6 +274,8 @@ def run_train(args: argparse.Namespace, argv: Sequence[str] | None = None) -> in
         train_loader, eval_loader = processes.shard_train(train_loader), processes.shard_eval(eval_loader, train_ex.kind)
     model.to(device)
     before = evaluate_model(model, eval_loader, device, gather=processes.eval_gather(eval_loader))
+    with user_errors(ValueError):
+        check_early_stopping_metric(args, before)
     heads = [] if train_ex.is_generative else head_module_names(model)  # an LM's own head is pretrained
     # The task head is freshly initialised: the adapter must carry a trainable copy of it, unless
     # the method string already says which modules to save.

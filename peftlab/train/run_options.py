@@ -53,6 +53,16 @@ def check_run_options(args: argparse.Namespace) -> None:
         raise ValueError("--early-stopping-patience needs evaluations during training: give --eval-every N")
 
 
+def check_early_stopping_metric(args: argparse.Namespace, evaluation: dict[str, Any]) -> None:
+    """``--early-stopping-metric`` must be a number the evaluation gives (``evaluation``: the one
+    made before training), else a ``ValueError`` listing them, before any step is taken."""
+    name = args.early_stopping_metric
+    if args.early_stopping_patience is None or name is None or isinstance(evaluation.get(name), (int, float)):
+        return
+    given = [k for k, v in evaluation.items() if isinstance(v, (int, float)) and k not in ("examples", "eval_time_s")]
+    raise ValueError(f"--early-stopping-metric {name}: the evaluation gives no such number; it gives {', '.join(given)}")
+
+
 def checkpoints_enabled(args: argparse.Namespace) -> bool:
     """Whether the run writes step checkpoints (``--save-every`` or ``--eval-every``)."""
     return bool(args.save_every or args.eval_every)

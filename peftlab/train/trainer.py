@@ -299,7 +299,7 @@ class Trainer:
     def _settings(self) -> dict[str, Any]:
         """What a run resumed from a checkpoint must share with the run that wrote it."""
         return {"total_steps": self.total_steps, "grad_accum": self.grad_accum, "lr_scheduler": self.lr_scheduler,
-                "warmup_steps": self.warmup_steps}
+                "warmup_steps": self.warmup_steps, "batches_per_epoch": self._batches_per_epoch()}
 
     def _early_stopper(self) -> EarlyStopping | None:
         patience, metric = self.early_stopping
