@@ -209,3 +209,18 @@ def test_prompts_longer_than_the_context_are_counted_or_refused(tmp_path: Path,
                        "q", "--response-col", "a", "--out", str(tmp_path / "o2"), *QUICK, "--max-length", "512"],
                      capsys)
     assert "every one of the 1 prompts is longer than the 64-token limit (--max-length 512, model context 64)" in err
+
+
+def test_run_config_reads_headerless_files(tmp_path: Path) -> None:
+    """The run config key of the same name: ``no_header: true`` with column numbers."""
+    model = tiny_model_dir(tmp_path, "bert", "classification")
+    data = tmp_path / "cola.tsv"
+    data.write_text("\n".join(COLA_LINES * 4) + "\n")
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"model": str(model), "data": str(data), "no_header": True, "text_cols": "3",
+                                  "label_col": "1", "metrics": "mcc,accuracy", "method": "lora[r=2]",
+                                  "out": str(tmp_path / "run")}))
+    assert main(["train", "--config", str(config), *QUICK]) == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["no_header"] is True and report["metric"] == "mcc" and report["train_examples"] == 14
+    assert report["baseline"]["metrics"] == {"mcc": 0.0, "accuracy": 1.0}  # the 2 held-out lines: both acceptable

@@ -168,7 +168,8 @@ def test_full_finetune_lowers_loss_on_real_sst2(sst64: Examples, tmp_path: Path)
     assert REPORT_KEYS <= set(result)
     assert result["steps"] == 32 and result["epochs"] == 8.0 and len(result["loss_curve"]) == 32
     assert result["eval"]["loss"] < before["loss"] - 0.02
-    assert set(result["eval"]) == {"loss", "accuracy", "examples", "eval_time_s"}
+    assert set(result["eval"]) == {"loss", "accuracy", "examples", "eval_time_s", "predicted_class_counts"}
+    assert sum(result["eval"]["predicted_class_counts"]) == result["eval"]["examples"]
     assert [h["step"] for h in result["eval_history"]] == [16, 32]
     # save_fn writes into a temporary folder, renamed into place once the checkpoint is complete
     assert [p.name for p in saved] == [f".tmp-{name}-{os.getpid()}" for name in ("step-16", "final")]
@@ -298,7 +299,7 @@ def test_plain_iterable_of_float_batches_is_regression() -> None:
     trainer = Trainer(model, batches, batches, lr=0.1, max_steps=40, warmup_ratio=0.0, progress=False)
     before = trainer.evaluate()
     result = trainer.train()
-    assert set(result["eval"]) == {"loss", "pearson", "spearman", "examples", "eval_time_s"}
+    assert set(result["eval"]) == {"loss", "pearson", "spearman", "examples", "eval_time_s", "prediction_std"}
     assert result["eval"]["loss"] < before["loss"] / 5 and result["eval"]["pearson"] > 0.95, result["eval"]
     assert result["epochs"] == 5.0 and result["tokens"] == 0
 

@@ -31,11 +31,13 @@ IGNORE_INDEX = -100
 @dataclass(frozen=True)
 class GenerationSettings:
     """How a generative eval set is scored beyond its loss: ``answer_regex`` (group 1, else the whole
-    match, is the final answer; None: no exact match) and ``max_new_tokens`` for greedy generation."""
+    match, is the final answer; None: no exact match), ``max_new_tokens`` for greedy generation in
+    batches of ``batch_size`` prompts, with a progress bar when ``progress``."""
 
     answer_regex: str | None = None
     max_new_tokens: int = 128
     batch_size: int = 16
+    progress: bool = False
 
 
 class GenerativeDataset(Dataset):

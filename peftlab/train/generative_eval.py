@@ -68,7 +68,7 @@ def evaluate_generative(model: nn.Module, loader: Iterable[Mapping[str, Any]], d
     if pattern:
         generated = generate_continuations(model, dataset.tokenizer, dataset.prompt_ids,
                                            dataset.settings.max_new_tokens, device, dataset.settings.batch_size,
-                                           progress=progress)
+                                           progress=progress or dataset.settings.progress)
         result["exact_match"], result["no_answer"] = exact_match(generated, dataset.references, pattern)
         result["samples"] = [{"generated": g, "answer": extract_answer(g, pattern),
                               "reference_answer": extract_answer(r, pattern)}

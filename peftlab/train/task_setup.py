@@ -112,7 +112,7 @@ def generative_dataset(args: argparse.Namespace, examples: Examples, model: Any,
     """``examples`` encoded for ``model`` under the run's options (prompt format, length, exact match)."""
     fmt = choose_format(tokenizer, examples.kind, prompt_format or getattr(args, "prompt_format", "auto"))
     settings = GenerationSettings(answer_regex_of(args), getattr(args, "max_new_tokens", 128),
-                                  max(1, min(args.batch_size, 16)))
+                                  max(1, min(args.batch_size, 16)), progress=not getattr(args, "no_progress", False))
     return encode_generative(examples, tokenizer, args.max_length, fmt, context_length(model), settings)
 
 
