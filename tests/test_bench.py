@@ -95,3 +95,14 @@ def test_bad_arguments_exit_2():
         cli.main(["lora", "--models", "gpt5"])
     assert err.value.code == 2
     assert cli.main(["lora", "--steps", "0"]) == 2
+
+
+def test_rows_runs_only_the_training_rows_named(tmp_path):
+    out = tmp_path / "rows.json"
+    assert cli.main(["lora", *FAST, "--only", "train", "--rows", "lora_qv,dora_qv", "--no-plot", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert sorted((r["row"], r["lib"]) for r in data["train"]) == sorted((v, lib) for v in ("lora_qv", "dora_qv") for lib in LIBS)
+    # DoRA's overhead over LoRA is evaluated from these four rows alone.
+    assert {t["target"] for t in data["targets"]} >= {"dora_overhead_time", "dora_overhead_mem"}
+    with pytest.raises(SystemExit):
+        cli.main(["lora", "--rows", "lora_qvv"])

@@ -5,7 +5,8 @@ bench serve``, the serving load benchmark, is dispatched by :mod:`peftlab.cli` t
 :mod:`peftlab.serve.bench.cli` (the serve layer sits above this one).
 
     peftlab bench lora [--models smollm2,minilm] [--steps N] [--out runs/bench_lora.json]
-                       [--quick] [--only train|infer|mixed] [--threads N] [--device auto|cpu|cuda]
+                       [--quick] [--only train|infer|mixed] [--rows lora_qv,dora_qv] [--threads N]
+                       [--device auto|cpu|cuda]
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Sequence
 
 from peftlab.bench import processes, standard_cli
 from peftlab.bench import multi as multi_bench
+from peftlab.bench.lora import TRAIN_ROWS
 from peftlab.bench.models import SPECS
 from peftlab.bench.suite import SECTIONS, Options
 from peftlab.train.cli import CliError, DefaultsHelpFormatter, check_device
@@ -52,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--quick", action="store_true", help="tiny batch sizes (for tests and smoke runs)")
     lora.add_argument("--only", type=_csv(SECTIONS, "section"), default=SECTIONS,
                       help="train, infer or mixed (comma-separated for several; default all)")
+    lora.add_argument("--rows", type=_csv(tuple(TRAIN_ROWS), "training row"), default=tuple(TRAIN_ROWS),
+                      help=f"training rows to run, comma-separated: {', '.join(TRAIN_ROWS)} (default all)")
     lora.add_argument("--threads", type=int, default=0, help="torch threads in every job (default: torch's default)")
     lora.add_argument("--device", default="auto",
                       help="auto (cuda when available, else cpu), cpu, cuda or cuda:N; a device this machine lacks "
@@ -108,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     _warn_if_busy(args.threads)
 
-    opts = Options(models=args.models, steps=args.steps, out=args.out, quick=args.quick, only=args.only,
+    opts = Options(models=args.models, steps=args.steps, out=args.out, quick=args.quick, only=args.only, rows=args.rows,
                    threads=args.threads, device=args.device, seed=args.seed, isolate=args.isolate,
                    decode_factor=args.decode_factor, plot=not args.no_plot)
     report = run(opts, progress=not args.quiet)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from peftlab.bench import libs
-from peftlab.bench.lora import ADAPTER_COUNTS, JOBS, REFERENCE_ROWS
+from peftlab.bench.lora import ADAPTER_COUNTS, JOBS, REFERENCE_ROWS, TRAIN_ROWS
 from peftlab.bench.measure import WorkerError, run_isolated
 from peftlab.bench.models import SPECS
 from peftlab.bench.targets import evaluate
@@ -37,6 +37,8 @@ class Options:
     out: str = "runs/bench_lora.json"
     quick: bool = False
     only: tuple[str, ...] = SECTIONS
+    #: The training rows to run (default every one of ``lora.TRAIN_ROWS``).
+    rows: tuple[str, ...] = tuple(TRAIN_ROWS)
     threads: int = 0  # 0: torch.get_num_threads()
     device: str = "auto"
     seed: int = 0
@@ -59,9 +61,9 @@ def plan(opts: Options) -> list[dict[str, Any]]:
     jobs: list[dict[str, Any]] = []
     for model in opts.models:
         if "train" in opts.only:
-            for row in REFERENCE_ROWS:
+            for row in [r for r in REFERENCE_ROWS if r in opts.rows]:
                 jobs.append({**common, "kind": "train", "model": model, "row": row, "lib": "torch"})
-            for i, row in enumerate(libs.VARIANTS):
+            for i, row in enumerate([r for r in libs.VARIANTS if r in opts.rows]):
                 order = libs.LIBS if i % 2 == 0 else libs.LIBS[::-1]
                 jobs += [{**common, "kind": "train", "model": model, "row": row, "lib": lib} for lib in order]
         if "infer" in opts.only:
@@ -114,7 +116,7 @@ def _meta(opts: Options, jobs: list[dict[str, Any]]) -> dict[str, Any]:
     from peftlab import __version__
 
     return {
-        "options": {**asdict(opts), "models": list(opts.models), "only": list(opts.only)},
+        "options": {**asdict(opts), "models": list(opts.models), "only": list(opts.only), "rows": list(opts.rows)},
         "threads": jobs[0]["threads"] if jobs else opts.threads,
         "device": opts.resolved_device(),
         "versions": {"peftlab": __version__, "peft": peft_version, "torch": torch.__version__,
