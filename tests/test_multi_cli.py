@@ -66,6 +66,8 @@ def test_adapters_list_in_run_config(tiny_run_args: list[str], regression_file: 
     assert loaded.report()["trainable_params"] == score["trainable_params"]
     assert main(["info", str(out / "score")]) == 0
     assert "pearson" in capsys.readouterr().out
+    assert main(["info", str(out)]) == 0  # the joint run's folder: its table again
+    assert capsys.readouterr().out.splitlines()[:4] == printed.splitlines()[:4]
 
 
 def test_each_pair_equals_its_own_run(tiny_run_args: list[str], tmp_path: Path,

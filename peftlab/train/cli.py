@@ -360,6 +360,11 @@ def run_info(args: argparse.Namespace) -> int:
             report = json.loads(report_path.read_text())
         except json.JSONDecodeError as err:
             raise CliError(f"{report_path} is not valid JSON ({err.msg}, line {err.lineno})") from err
+        if isinstance(report.get("adapters"), dict):  # the OUT of a joint run: its adapters are in OUT/<name>
+            from peftlab.train.multi_report import joint_table  # noqa: PLC0415
+
+            print(joint_table(report))
+            return 0
         print(format_table(summary_rows(report), title=f"adapter {directory}"))
         return 0
     config_path = directory / "adapter_config.json"

@@ -133,7 +133,8 @@ def refuse_unsupported(args: argparse.Namespace) -> None:
     processes)."""
     for key, what in NOT_JOINT.items():
         if getattr(args, key, None):
-            raise ValueError(f"--{key.replace('_', '-')}: {what} is not supported yet; train the adapters one at a time")
+            raise ValueError(f"--{key.replace('_', '-')}: {what} is not supported yet; train the adapters one at a "
+                             "time")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("a joint run of several adapters runs in one process; launch it without torchrun / accelerate")
 

@@ -68,7 +68,9 @@ def _adapter_report(joint: JointRun, run: AdapterRun, lane_result: dict[str, Any
         "adapter_report": counts, "head_modules": list(joint.heads[run.name]),
         "metric_names": list(run.train.metrics), "metric": metric,
         "metric_before": (before or {}).get(metric), "metric_after": (after or {}).get(metric),
-        "metrics_before": before, "metrics_after": after, "metrics_before_are": "the adapter at init",
+        "metrics_before": before, "metrics_after": after,
+        "metrics_before_note": "the adapter at init: for methods that start as the identity, the base with the "
+                               "task's fresh head",
         "train_examples": len(run.train), "eval_examples": len(run.eval) if run.eval is not None else 0,
         "label_names": run.train.label_names, "kind": run.train.kind,
         "batch_size": run.batch_size, "max_length": run.max_length, "lr": run.lr, "lr_source": run.lr_source,

@@ -103,7 +103,10 @@ def _head_shape(examples: Examples) -> tuple[str, int]:
     return examples.kind, int(examples.num_labels or 1)
 
 
-def load_shared_base(model_name: str, runs: Sequence[AdapterRun]) -> tuple[nn.Module, Any, dict[str, dict[str, nn.Module]]]:
+TaskHeads = dict[str, dict[str, nn.Module]]  # {adapter: {head module name: its task's head}}
+
+
+def load_shared_base(model_name: str, runs: Sequence[AdapterRun]) -> tuple[nn.Module, Any, TaskHeads]:
     """The base of a joint run, its tokenizer, and each adapter's task head ({adapter: {module name:
     head}}), from :func:`peftlab.zoo.load`.
 
@@ -141,7 +144,7 @@ def _with_heads(method: Any, heads: list[str]) -> dict[str, Any]:
     return {} if given else {"modules_to_save": heads}
 
 
-def add_adapters(model: nn.Module, runs: Sequence[AdapterRun], task_heads: dict[str, dict[str, nn.Module]]) -> PeftModel:
+def add_adapters(model: nn.Module, runs: Sequence[AdapterRun], task_heads: TaskHeads) -> PeftModel:
     """Attach every run's adapter to ``model`` (each under ``seeded(run.seed)``, so its init is the
     one a run of its own with that seed gets), put its own task head in its head copy, and make all
     of them trainable."""
