@@ -44,7 +44,7 @@ def test_adapters_list_in_run_config(tiny_run_args: list[str], regression_file: 
         "adapters:\n"
         f"  - {{name: pos, method: 'lora[r=2]', data: {data}, text_cols: sentence, label_col: label}}\n"
         f"  - {{name: score, method: ia3, data: {regression_file}, text_cols: sentence, label_col: score,"
-        " max_steps: 3, batch_size: 4, lr: 0.05}\n")
+        " max_steps: 3, batch_size: 4, lr: 0.05, eval_every: 2}\n")
     model = _option(tiny_run_args, "--model")
     out = tmp_path / "out"
     assert main(["train", "--model", model, "--config", str(config), "--out", str(out), "--no-progress",
@@ -58,6 +58,7 @@ def test_adapters_list_in_run_config(tiny_run_args: list[str], regression_file: 
     assert (pos["kind"], pos["steps"], pos["batch_size"], pos["lr"]) == ("classification", 2, 8, 0.01)
     assert (score["kind"], score["steps"], score["batch_size"], score["lr"]) == ("regression", 3, 4, 0.05)
     assert len(score["loss_curve"]) == 3 and score["metric"] == "pearson"
+    assert [e["step"] for e in score["eval_history"]] == [2, 3] and [e["step"] for e in pos["eval_history"]] == [2]
     # Each folder holds its task's own head: 2 outputs for the classifier, 1 for the regression.
     assert load_file(str(out / "pos" / "adapter_model.safetensors"))["base_model.model.classifier.weight"].shape[0] == 2
     assert load_file(str(out / "score" / "adapter_model.safetensors"))["base_model.model.classifier.weight"].shape[0] == 1
@@ -73,22 +74,26 @@ def test_adapters_list_in_run_config(tiny_run_args: list[str], regression_file: 
 def test_each_pair_equals_its_own_run(tiny_run_args: list[str], tmp_path: Path,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     """--method given twice with --data once: two adapters on the same data, each equal (files and
-    loss curve) to peftlab train with that method alone, same seed, dropout off."""
+    loss curve) to peftlab train with that method alone, same seed, dropout off; also with gradient
+    checkpointing (the backward pass re-runs the routed hooks)."""
     common = [*_with(tiny_run_args, "--max-steps", "3"), "--no-dropout", "--seed", "3"]
-    joint_out, alone_out = tmp_path / "joint", tmp_path / "alone"
-    assert main([*common, "--method", "lora[r=2]", "--method", "lora[r=4,alpha=8]", "--out", str(joint_out)]) == 0
+    alone_out = tmp_path / "alone"
     assert main([*common, "--method", "lora[r=4,alpha=8]", "--out", str(alone_out)]) == 0
-    capsys.readouterr()
-    names = list(json.loads((joint_out / "report.json").read_text())["adapters"])
-    assert names == ["train-lora", "train-lora-2"]
-    mine = load_file(str(joint_out / names[1] / "adapter_model.safetensors"))
     alone = load_file(str(alone_out / "adapter_model.safetensors"))
-    assert mine.keys() == alone.keys()
-    for key in alone:
-        torch.testing.assert_close(mine[key], alone[key], rtol=1e-4, atol=1e-5)
-    curve = json.loads((joint_out / names[1] / "report.json").read_text())["loss_curve"]
-    torch.testing.assert_close(torch.tensor(curve), torch.tensor(json.loads((alone_out / "report.json").read_text())
-                                                                   ["loss_curve"]), rtol=1e-5, atol=1e-6)
+    alone_curve = torch.tensor(json.loads((alone_out / "report.json").read_text())["loss_curve"])
+    for extra in ([], ["--gradient-checkpointing"]):
+        joint_out = tmp_path / f"joint{len(extra)}"
+        assert main([*common, *extra, "--method", "lora[r=2]", "--method", "lora[r=4,alpha=8]",
+                     "--out", str(joint_out)]) == 0
+        names = list(json.loads((joint_out / "report.json").read_text())["adapters"])
+        assert names == ["train-lora", "train-lora-2"]
+        mine = load_file(str(joint_out / names[1] / "adapter_model.safetensors"))
+        assert mine.keys() == alone.keys()
+        for key in alone:
+            torch.testing.assert_close(mine[key], alone[key], rtol=1e-4, atol=1e-5)
+        curve = json.loads((joint_out / names[1] / "report.json").read_text())["loss_curve"]
+        torch.testing.assert_close(torch.tensor(curve), alone_curve, rtol=1e-5, atol=1e-6)
+    capsys.readouterr()
 
 
 SST2 = ["--task", "sst2"]

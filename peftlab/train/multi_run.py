@@ -21,6 +21,7 @@ from peftlab.train.multi_report import plot_loss_curves
 from peftlab.train.multi_setup import AdapterRun, add_adapters, load_shared_base, make_lanes
 from peftlab.train.report import write_report
 from peftlab.train.task_setup import task_report
+from peftlab.train.trainer import enable_gradient_checkpointing
 
 
 @dataclass
@@ -49,7 +50,7 @@ def prepare_joint_run(model_name: str, runs: Sequence[AdapterRun], device: str |
     pm = add_adapters(model, runs, task_heads)
     pm.to(device)
     if gradient_checkpointing:
-        pm.gradient_checkpointing_enable()
+        enable_gradient_checkpointing(pm)  # a ValueError when no layer of the model checkpoints
     lanes = make_lanes(pm, runs, tokenizer, device)
     heads = {run.name: {h: run.width for h in task_heads[run.name]} for run in runs}
     return JointRun(model_name, pm, tokenizer, list(runs), lanes, heads, no_dropout)
