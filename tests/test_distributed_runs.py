@@ -137,9 +137,14 @@ def test_torchrun_ddp_trains_the_adapter_one_process_trains(setup: dict[str, Any
         p.name for p in (reference / "checkpoints").iterdir())
 
 
-def test_torchrun_fsdp_trains_the_adapter_one_process_trains(setup: dict[str, Any], reference: Path) -> None:
+@pytest.fixture(scope="module")
+def fsdp_run(setup: dict[str, Any]) -> tuple[Path, str]:
     out = setup["root"] / "fsdp"
-    _launch(_torchrun(), setup, out, "--fsdp")
+    return out, _launch(_torchrun(), setup, out, "--fsdp").stdout
+
+
+def test_torchrun_fsdp_trains_the_adapter_one_process_trains(reference: Path, fsdp_run: tuple[Path, str]) -> None:
+    out = fsdp_run[0]
     _assert_same_adapter(reference, out)
     many = _report(out)
     _assert_same_training(_report(reference), many)
@@ -154,13 +159,19 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_accelerate_launch_gives_the_torchrun_adapter(setup: dict[str, Any], ddp_run: tuple[Path, str]) -> None:
-    # accelerate 1.x starts several processes through torchrun with --multi_gpu (on CPU too);
-    # its --cpu flag runs one process (its multi-CPU launcher is mpirun).
-    out = setup["root"] / "accelerate"
-    launcher = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+@pytest.mark.parametrize("mode", ["--multi_gpu", "--use_fsdp"])
+def test_accelerate_launch_gives_the_torchrun_adapter(mode: str, setup: dict[str, Any], request: pytest.FixtureRequest,
+                                                      ) -> None:
+    # accelerate 1.x starts several processes through torchrun with --multi_gpu or --use_fsdp (on CPU
+    # too); its --cpu flag runs one process (its multi-CPU launcher is mpirun). --use_fsdp turns on
+    # peftlab's --fsdp (and its default RAM-efficient loading is turned off: every process loads).
+    torchrun_out = request.getfixturevalue("fsdp_run" if mode == "--use_fsdp" else "ddp_run")[0]
+    out = setup["root"] / f"accelerate{mode}"
+    launcher = [str(BIN / "accelerate"), "launch", mode, "--num_processes", "2", "--num_machines", "1",
                 "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
-    _launch(launcher, setup, out, "--eval-every", "2")
-    _assert_same_adapter(ddp_run[0], out)
-    assert _report(out)["processes"]["world_size"] == 2
-    assert _report(out)["loss_curve"] == pytest.approx(_report(ddp_run[0])["loss_curve"], rel=1e-6)
+    _launch(launcher, setup, out, *(["--eval-every", "2"] if mode == "--multi_gpu" else []))
+    _assert_same_adapter(torchrun_out, out)
+    many = _report(out)
+    assert many["processes"]["world_size"] == 2
+    assert many["processes"]["strategy"] == ("fsdp" if mode == "--use_fsdp" else "ddp")
+    assert many["loss_curve"] == pytest.approx(_report(torchrun_out)["loss_curve"], rel=1e-6)

@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import math
 import os
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -44,6 +45,8 @@ EvalGather = Callable[[float, int, list[torch.Tensor], list[torch.Tensor], Calla
                       tuple[float, int, list[torch.Tensor], list[torch.Tensor]]]
 
 LAUNCH_HINT = "torchrun --nproc_per_node N -m peftlab train ... (or accelerate launch --multi_gpu --num_processes N)"
+#: accelerate's switch for loading the weights on process 0 only (read by transformers' from_pretrained).
+RAM_EFFICIENT_LOADING = "FSDP_CPU_RAM_EFFICIENT_LOADING"
 #: Relative difference of parameter checksums taken as "the same model" across processes.
 CHECKSUM_RTOL = 1e-6
 
@@ -298,6 +301,13 @@ def start_processes(device: str, fsdp: bool = False) -> OneProcess:
     rank, local_rank, world_size = world
     if world_size == 1 and not fsdp:
         return OneProcess(device)
+    if accelerate_wants_fsdp() and os.environ.get(RAM_EFFICIENT_LOADING, "").lower() in ("1", "true", "yes"):
+        # With it transformers loads real weights on process 0 only (meta tensors elsewhere), to be
+        # broadcast by accelerate's FSDP1 wrapping, which peftlab does not use.
+        os.environ[RAM_EFFICIENT_LOADING] = "false"
+        if rank == 0:
+            print(f"peftlab: {RAM_EFFICIENT_LOADING}=true (accelerate's --fsdp_cpu_ram_efficient_loading) ignored: "
+                  "every process loads the base from its files", file=sys.stderr)
     import torch.distributed as dist  # noqa: PLC0415
 
     dev = process_device(device, local_rank, world_size)
