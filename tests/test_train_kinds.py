@@ -19,7 +19,7 @@ from peftlab.cli import main
 from peftlab.train.baselines import baseline_check, constant_baseline
 from peftlab.train.data import load_file, load_task
 from peftlab.train.examples import DataError, Examples
-from conftest import one_thread
+from conftest import cli_error, one_thread
 from tiny_dirs import WORDS, tiny_model_dir
 
 #: Four lines of GLUE's own CoLA train.tsv layout: source, label, original label (blank), sentence.
@@ -32,15 +32,6 @@ COLA_LINES = [
 
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
-
-
-def _fails_with(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    assert info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("peftlab: error: ") and "Traceback" not in err
-    return err
 
 
 QUICK = ["--max-steps", "1", "--batch-size", "8", "--max-length", "16", "--no-progress", "--device", "cpu"]
@@ -158,7 +149,7 @@ def test_files_of_the_wrong_format_or_empty(name: str, content: str, says: str, 
                                             capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / name
     path.write_text(content)
-    err = _fails_with(["train", "--data", str(path), "--text-cols", "sentence", "--label-col", "label",
+    err = cli_error(["train", "--data", str(path), "--text-cols", "sentence", "--label-col", "label",
                        "--out", str(tmp_path / "o"), "--device", "cpu"], capsys)
     assert str(path) in err and says in err
 
@@ -167,7 +158,7 @@ def test_eval_label_outside_the_train_labels_names_its_line(tmp_path: Path, caps
     train, dev = tmp_path / "train.tsv", tmp_path / "dev.tsv"
     train.write_text("sentence\tlabel\ngood\tpos\nbad\tneg\n")
     dev.write_text("sentence\tlabel\ngood\tpos\nfine\tmaybe\n")
-    err = _fails_with(["train", "--data", str(train), "--eval-data", str(dev), "--text-cols", "sentence",
+    err = cli_error(["train", "--data", str(train), "--eval-data", str(dev), "--text-cols", "sentence",
                        "--label-col", "label", "--out", str(tmp_path / "o"), "--device", "cpu"], capsys)
     assert f"{dev}:3: label 'maybe' is not one of neg, pos" in err
 
@@ -176,10 +167,10 @@ def test_prompt_response_missing_columns_lists_the_columns(tmp_path: Path, capsy
     path = tmp_path / "qa.jsonl"
     path.write_text('{"question": "one", "answer": "two"}\n' * 4)
     model = tiny_model_dir(tmp_path, "llama", "causal-lm")
-    err = _fails_with(["train", "--model", str(model), "--data", str(path), "--prompt-col", "prompt",
+    err = cli_error(["train", "--model", str(model), "--data", str(path), "--prompt-col", "prompt",
                        "--response-col", "answer", "--out", str(tmp_path / "o"), "--device", "cpu"], capsys)
     assert "no column 'prompt'; columns are: question, answer" in err
-    err = _fails_with(["train", "--model", "minilm", "--data", str(path), "--prompt-col", "question",
+    err = cli_error(["train", "--model", "minilm", "--data", str(path), "--prompt-col", "question",
                        "--response-col", "answer", "--out", str(tmp_path / "o"), "--device", "cpu"], capsys)
     assert "minilm is an encoder (BERT) and cannot generate" in err
 
@@ -205,7 +196,7 @@ def test_prompts_longer_than_the_context_are_counted_or_refused(tmp_path: Path,
     assert report["lengths"]["train"] == {"examples": 9, "truncated": 3, "dropped": 2, "limit": 64}
     assert "9 kept, 3 truncated, 2 dropped (limit 64 tokens)" in printed
     data.write_text(json.dumps({"q": long_prompt, "a": "fine"}) + "\n")
-    err = _fails_with(["train", "--model", str(model), "--data", str(data), "--eval-data", str(data), "--prompt-col",
+    err = cli_error(["train", "--model", str(model), "--data", str(data), "--eval-data", str(data), "--prompt-col",
                        "q", "--response-col", "a", "--out", str(tmp_path / "o2"), *QUICK, "--max-length", "512"],
                      capsys)
     assert "every one of the 1 prompts is longer than the 64-token limit (--max-length 512, model context 64)" in err
