@@ -42,7 +42,8 @@ def test_adapters_list_in_run_config(tiny_run_args: list[str], regression_file: 
     config.write_text(
         "max_steps: 2\nbatch_size: 8\nno_dropout: true\nlr: 0.01\n"
         "adapters:\n"
-        f"  - {{name: pos, method: 'lora[r=2]', data: {data}, text_cols: sentence, label_col: label}}\n"
+        f"  - {{name: pos, method: 'lora[r=2]', data: {data}, eval_data: {data}, text_cols: sentence,"
+        " label_col: label}\n"
         f"  - {{name: score, method: ia3, data: {regression_file}, text_cols: sentence, label_col: score,"
         " max_steps: 3, batch_size: 4, lr: 0.05, eval_every: 2}\n")
     model = _option(tiny_run_args, "--model")
@@ -69,6 +70,13 @@ def test_adapters_list_in_run_config(tiny_run_args: list[str], regression_file: 
     assert "pearson" in capsys.readouterr().out
     assert main(["info", str(out)]) == 0  # the joint run's folder: its table again
     assert capsys.readouterr().out.splitlines()[:4] == printed.splitlines()[:4]
+    # peftlab eval reads the folder onto a base made for its task alone and finds the joint run's metric.
+    scores = tmp_path / "eval.json"
+    assert main(["eval", str(out / "pos"), "--data", data, "--text-cols", "sentence", "--label-col", "label",
+                 "--max-length", "8", "--device", "cpu", "--no-progress", "--json", str(scores)]) == 0
+    evaluated = json.loads(scores.read_text())["metrics"]
+    assert evaluated["accuracy"] == pytest.approx(pos["metric_after"])
+    assert evaluated["loss"] == pytest.approx(pos["metrics_after"]["loss"], rel=1e-5)
 
 
 def test_each_pair_equals_its_own_run(tiny_run_args: list[str], tmp_path: Path,
