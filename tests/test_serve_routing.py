@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
+from conftest import one_thread
 
 import peftlab
 from peftlab.zoo import tiny_model
+
+_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 
 def _model_with_adapters():

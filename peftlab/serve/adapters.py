@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -145,6 +146,11 @@ def read_adapter_dir(real: Path, model: nn.Module) -> ReadAdapter:
                 "before the prompt); the engine serves methods that act on layers (LoRA family in its bank; "
                 "(IA)3, BitFit, adapters and the other layer methods by per-row routing). Serve it with "
                 "peftlab.load(model, dir).generate(...)")
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    signature = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+    templates = _TEMPLATES.setdefault(model, {})
+    if signature in templates:  # a config seen before: its keys, shapes and scalings are known
+        return ReadAdapter(cfg, templates[signature].factors(tensors, str(real)), None, nbytes)
     try:
         placement = build_placement(model, cfg)
         io.load_into_placement(placement, tensors, cfg, where=str(real))
@@ -155,9 +161,52 @@ def read_adapter_dir(real: Path, model: nn.Module) -> ReadAdapter:
     for _, _, delta in placement:
         delta.eval()
         delta.requires_grad_(False)
-    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
     factors = lora_factors(placement)
+    if factors is not None and not any(d.residual for _, _, d in placement):
+        templates[signature] = LoraTemplate.of(placement, cfg)
     return ReadAdapter(cfg, factors, None if factors is not None else placement, nbytes)
+
+
+#: Per base model: {config signature: LoraTemplate}, learnt from the first adapter of each config.
+_TEMPLATES: "weakref.WeakKeyDictionary[nn.Module, dict[str, LoraTemplate]]" = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class LoraTemplate:
+    """What the library's loading code established for one plain-LoRA config on one base model
+    (file keys, shapes, scalings, dtype), so that a thousand adapters of that config are checked
+    against it and read without building deltas each time."""
+
+    modules: dict[str, tuple[str, str, float]]  # module -> (key of A, key of B, scaling)
+    shapes: dict[str, tuple[int, ...]]  # file key -> shape
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, placement: list, cfg: Any) -> "LoraTemplate":
+        """The template of a placement built and filled by the library (plain LoRA only)."""
+        modules, shapes = {}, {}
+        for part, module_name, delta in placement:
+            keys = [io.file_key(cfg, part, module_name, k) for k in ("lora_A.weight", "lora_B.weight")]
+            modules[module_name] = (keys[0], keys[1], float(delta.scaling))
+            shapes[keys[0]] = tuple(delta.lora_A.weight.shape)
+            shapes[keys[1]] = tuple(delta.lora_B.weight.shape)
+        return cls(modules, shapes, placement[0][2].lora_A.weight.dtype)
+
+    def factors(self, tensors: dict[str, torch.Tensor], where: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The factors of a file of this config; the same key and shape checks as
+        ``io.load_into_placement`` (:class:`InvalidAdapterError` naming them)."""
+        tensors = {k: v for k, v in tensors.items() if not k.endswith(".base_layer.weight")}
+        missing, unexpected = sorted(set(self.shapes) - set(tensors)), sorted(set(tensors) - set(self.shapes))
+        if missing or unexpected:
+            raise InvalidAdapterError(
+                f"adapter {where} does not fit this model: {len(missing)} missing keys (e.g. {missing[:3]}), "
+                f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]}). Was it made for another base model?")
+        for k, shape in self.shapes.items():
+            if tuple(tensors[k].shape) != shape:
+                raise InvalidAdapterError(f"adapter {where}: {k} has shape {tuple(tensors[k].shape)} in the file but "
+                                          f"this model needs {shape}. Was it made for another base model?")
+        return {m: (tensors[a].to(self.dtype).contiguous(), (tensors[b].to(self.dtype) * s).contiguous())
+                for m, (a, b, s) in self.modules.items()}
 
 
 def lora_factors(placement: list) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:

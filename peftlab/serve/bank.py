@@ -27,11 +27,14 @@ module (an (IA)³ scale on a row then sees the base output with the merged term 
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from peftlab.core.layers import is_adaptable_layer, layer_info, to_module_layout
@@ -39,27 +42,55 @@ from peftlab.core.layers import is_adaptable_layer, layer_info, to_module_layout
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class BankLayout:
-    """Where each module's factors sit in an adapter's flat row (see the module docstring)."""
+    """Where each module's factors sit in an adapter's flat row (see the module docstring): first
+    every module's Aᵀ (in × R), then every module's Bᵀ (R × out), so all offsets are multiples of R
+    and the B part of a row is one block."""
 
     rank: int
     #: module name -> (in_features, out_features), in layout order
     shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
 
-    @property
+    def __eq__(self, other: object) -> bool:  # the order of the modules matters (their offsets)
+        return isinstance(other, BankLayout) and (self.rank, list(self.shapes.items())) == (other.rank, list(other.shapes.items()))
+
+    def __hash__(self) -> int:
+        return hash((self.rank, tuple(self.shapes.items())))
+
+    @functools.cached_property
     def offsets(self) -> dict[str, tuple[int, int]]:
-        """module -> (offset of A, offset of B) in the flat row."""
-        out, at = {}, 0
+        """module -> (offset of Aᵀ, offset of Bᵀ) in the flat row."""
+        out, a, b = {}, 0, self.b_start
         for name, (fin, fout) in self.shapes.items():
-            out[name] = (at, at + self.rank * fin)
-            at += self.rank * (fin + fout)
+            out[name] = (a, b)
+            a += self.rank * fin
+            b += self.rank * fout
         return out
 
     @property
+    def b_start(self) -> int:
+        """Where the Bᵀ block starts."""
+        return self.rank * sum(fin for fin, _ in self.shapes.values())
+
+    @functools.cached_property
     def size(self) -> int:
-        """P, the length of a flat row."""
-        return sum(self.rank * (fin + fout) for fin, fout in self.shapes.values())
+        """P, the length of a flat row: the factors, padded to a multiple of every module's output
+        size when that costs little (then each module's Bᵀ rows of all slots form one strided table:
+        :meth:`b_table`)."""
+        used = sum(self.rank * (fin + fout) for fin, fout in self.shapes.values())
+        multiple = math.lcm(self.rank, *(fout for _, fout in self.shapes.values()))
+        padded = -(-used // multiple) * multiple
+        return padded if padded - used <= used // 8 else used
+
+    def b_table(self, flat: torch.Tensor, module: str) -> torch.Tensor | None:
+        """Every slot's Bᵀ rows of ``module`` as one (rows, out) table (a view of the bank ``flat``,
+        (slots, P)), row ``s · P/out + r`` being slot s's Bᵀ row r; None when P is no multiple of out."""
+        _, fout = self.shapes[module]
+        if self.size % fout:
+            return None
+        b = self.offsets[module][1]
+        return flat.as_strided(((flat.numel() - b) // fout, fout), (fout, 1), flat.storage_offset() + b)
 
     def covers(self, factors: Factors) -> bool:
         """Whether adapters with these factors fit without re-laying the bank."""
@@ -73,37 +104,49 @@ class BankLayout:
         return BankLayout(max([self.rank, *(A.shape[0] for A, _ in factors.values())]), shapes)
 
     def views(self, flat: torch.Tensor, module: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) of ``module`` in flat rows ``flat`` (..., P): views (..., R, in) and (..., out, R)."""
+        """(Aᵀ, Bᵀ) of ``module`` in flat rows ``flat`` (..., P): views (..., in, R) and (..., R, out)."""
         fin, fout = self.shapes[module]
         a, b = self.offsets[module]
         lead = flat.shape[:-1]
-        A = flat[..., a : a + self.rank * fin].view(*lead, self.rank, fin)
-        B = flat[..., b : b + fout * self.rank].view(*lead, fout, self.rank)
-        return A, B
+        return (flat[..., a : a + fin * self.rank].view(*lead, fin, self.rank),
+                flat[..., b : b + self.rank * fout].view(*lead, self.rank, fout))
+
+    def b_views(self, b_block: torch.Tensor, module: str) -> torch.Tensor:
+        """Bᵀ of ``module`` in rows of the Bᵀ block only (..., P − b_start): a view (..., R, out)."""
+        _, fout = self.shapes[module]
+        b = self.offsets[module][1] - self.b_start
+        return b_block[..., b : b + self.rank * fout].view(*b_block.shape[:-1], self.rank, fout)
 
     def pack(self, factors: Factors, dtype: torch.dtype, pin: bool = False) -> torch.Tensor:
         """One adapter's flat row (zeros for modules it does not touch and for padded ranks)."""
         flat = torch.zeros(self.size, dtype=dtype, pin_memory=pin)
         for m, (A, B) in factors.items():
-            va, vb = self.views(flat, m)
-            va[: A.shape[0]].copy_(A)
-            vb[:, : B.shape[1]].copy_(B)
+            at, bt = self.views(flat, m)
+            at[:, : A.shape[0]].copy_(A.T)
+            bt[: B.shape[1]].copy_(B.T)
         return flat
 
     def unpack(self, flat: torch.Tensor) -> Factors:
-        """The (padded) factors of a flat row: views, not copies."""
-        return {m: self.views(flat, m) for m in self.shapes}
+        """The (padded) factors (A, B) of a flat row, as views."""
+        out = {}
+        for m in self.shapes:
+            at, bt = self.views(flat, m)
+            out[m] = (at.transpose(-1, -2), bt.transpose(-1, -2))
+        return out
 
 
 @dataclass
 class BankCall:
-    """One model call's routing through the bank: ``slots[i]`` is row i's bank row (0: none)."""
+    """One model call's routing through the bank: ``slots[i]`` is row i's bank row (0: none), and
+    what its modules share (computed by the first module that needs it)."""
 
     slots: torch.Tensor
     any_rows: bool
     #: (merged bank row, (n, 1, 1) float mask of the rows that are not its adapter's) while merged
     correction: tuple[int, torch.Tensor] | None
-    gathered: torch.Tensor | None = None
+    gathered: torch.Tensor | None = None  # (n, P): the rows' flat rows (prefill)
+    b_block: torch.Tensor | None = None  # (n, P − b_start): the rows' Bᵀ blocks (decode)
+    bags: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 _CALL: ContextVar[BankCall | None] = ContextVar("peftlab_bank_call", default=None)
@@ -139,10 +182,11 @@ class AdapterBank:
                 raise ValueError(f"module {m!r} ({type(module).__name__}) is not a linear layer")
         new = self.layout.extended(factors)
         flat = torch.zeros(self.flat.shape[0], new.size, device=self.device, dtype=self.dtype)
-        for m, (A, B) in self.layout.unpack(self.flat).items():
-            va, vb = new.views(flat, m)
-            va[:, : A.shape[1]].copy_(A)
-            vb[..., : B.shape[2]].copy_(B)
+        for m in self.layout.shapes:
+            old_at, old_bt = self.layout.views(self.flat, m)
+            at, bt = new.views(flat, m)
+            at[..., : old_at.shape[-1]].copy_(old_at)
+            bt[:, : old_bt.shape[-2]].copy_(old_bt)
         self.layout, self.flat = new, flat
         for m in new.shapes:
             if m not in self._hooks:
@@ -211,26 +255,56 @@ class AdapterBank:
             if c is None or name not in self.layout.shapes:
                 return None
             y = output[0] if isinstance(output, tuple) else output
-            x = args[0]
-            n = x.shape[0]
-            xf = x.reshape(n, -1, x.shape[-1]).to(self.dtype)
-            delta = None
-            if c.any_rows:
-                if c.gathered is None:  # once per call, for every module
-                    c.gathered = self.flat.index_select(0, c.slots)
-                A, B = self.layout.views(c.gathered, name)
-                delta = torch.bmm(torch.bmm(xf, A.transpose(1, 2)), B.transpose(1, 2))
-            if c.correction is not None:
-                row, mask = c.correction
-                A, B = self.layout.views(self.flat[row], name)
-                term = (xf @ A.T) @ B.T * mask
-                delta = -term if delta is None else delta - term
-            assert delta is not None
+            delta = self._delta(c, name, args[0])
             delta = delta.view(y.shape).to(y.dtype)
             new = y.add_(delta) if not torch.is_grad_enabled() else y + delta
             return (new, *output[1:]) if isinstance(output, tuple) else new
 
         return hook
+
+    def _delta(self, c: BankCall, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Σ over the call's rows of their adapter's x Aᵀ Bᵀ at module ``name`` (minus the merged one's)."""
+        layout, flat = self.layout, self.flat
+        n, fin = x.shape[0], x.shape[-1]
+        xf = x.reshape(n, -1, fin).to(self.dtype)
+        delta = None
+        if c.any_rows and xf.shape[1] == 1:
+            # Decode: h = A x per row as one embedding_bag over the bank seen as rows of R numbers
+            # (row i sums its adapter's Aᵀ rows weighted by x_i: nothing is copied), then Bᵀ rows.
+            if fin not in c.bags:
+                stride = flat.shape[1] // layout.rank
+                rows = c.slots.view(n, 1) * stride + torch.arange(fin, device=flat.device)
+                c.bags[fin] = (rows.view(-1), torch.arange(0, n * fin, fin, device=flat.device))
+            rows, offsets = c.bags[fin]
+            first = layout.offsets[name][0] // layout.rank
+            h = F.embedding_bag(rows + first, flat.view(-1, layout.rank), offsets, mode="sum",
+                                per_sample_weights=xf.reshape(-1))
+            fout = layout.shapes[name][1]
+            table = layout.b_table(flat, name)
+            if table is not None:  # Bᵀ rows the same way, weighted by h: again nothing copied
+                key = -fout
+                if key not in c.bags:
+                    rows = c.slots.view(n, 1) * (flat.shape[1] // fout) + torch.arange(layout.rank, device=flat.device)
+                    c.bags[key] = (rows.view(-1), torch.arange(0, n * layout.rank, layout.rank, device=flat.device))
+                rows, offsets = c.bags[key]
+                delta = F.embedding_bag(rows, table, offsets, mode="sum", per_sample_weights=h.reshape(-1))
+            else:
+                if c.b_block is None:
+                    c.b_block = flat[:, layout.b_start:].index_select(0, c.slots)
+                delta = torch.bmm(h.unsqueeze(1), layout.b_views(c.b_block, name))
+        elif c.any_rows:
+            # Prefill: gather the rows' flat rows once per call, then two batched matmuls per module.
+            if c.gathered is None:
+                c.gathered = flat.index_select(0, c.slots)
+            at, bt = layout.views(c.gathered, name)
+            delta = torch.bmm(torch.bmm(xf, at), bt)
+        if c.correction is not None:
+            row, mask = c.correction
+            at, bt = layout.views(flat[row], name)
+            term = (xf @ at) @ bt * mask
+            delta = -term if delta is None else delta - term
+        assert delta is not None
+        return delta
 
     # -- dLoRA merging ----------------------------------------------------------------------------
     def can_merge(self) -> bool:
@@ -247,12 +321,12 @@ class AdapterBank:
         self.unmerge()
         with torch.no_grad():
             for m in self.layout.shapes:
-                A, B = self.layout.views(self.flat[slot], m)
-                if not bool(B.any()):
+                at, bt = self.layout.views(self.flat[slot], m)
+                if not bool(bt.any()):
                     continue
                 module = self._modules[m]
                 self._saved_weights[m] = module.weight.detach().clone()
-                dw = (B.to(torch.float32) @ A.to(torch.float32))
+                dw = (at.to(torch.float32) @ bt.to(torch.float32)).T  # ΔW = B A = (Aᵀ Bᵀ)ᵀ
                 module.weight.add_(to_module_layout(module, dw).to(module.weight.dtype))
         self.merged = slot
 

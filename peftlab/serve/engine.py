@@ -137,7 +137,7 @@ class Engine:
         self._stopping = threading.Event()
         self._step_lock = threading.Lock()  # one step at a time (the loop, or generate before start)
         self._counters = {"requests_done": 0, "requests_failed": 0, "deadline_missed": 0, "steps": 0,
-                          "prefill_calls": 0, "tokens_generated": 0}
+                          "prefill_calls": 0, "tokens_generated": 0, "merges": 0, "unmerges": 0}
         self._recent_tokens: deque[tuple[float, int]] = deque()
         self._last_batch = 0
         self._check_model()
@@ -307,8 +307,17 @@ class Engine:
             for w in new:
                 if w.handle.cancelled:
                     self._finish_waiting_cancelled(w)
-            for group in length_groups(admitted):
-                self._prefill(group)
+            groups = length_groups(admitted)
+            for k, group in enumerate(groups):
+                try:
+                    self._prefill(group)
+                except BaseException as e:  # the later groups never got rows: they fail here too
+                    for w in (w for g in groups[k + 1:] for w in g):
+                        if w.entry is not None:
+                            self._release(w.entry, running=True)
+                        self._counters["requests_failed"] += 1
+                        w.handle._fail(e)
+                    raise
             if self.rows:
                 self._decode()
             if not self.rows and not len(self.queue):
@@ -316,8 +325,17 @@ class Engine:
             return bool(self.rows) or bool(new)
 
     def _admit(self, item: Waiting) -> bool:
+        """Whether ``item`` can join now: its adapter is (made) resident on the device. It counts as
+        running at once, so admitting the next one cannot evict its adapter."""
         entry = item.entry
-        return entry is None or self.adapters.ensure_device(entry)
+        if entry is None:
+            return True
+        if not self.adapters.ensure_device(entry):
+            return False
+        with self.adapters.lock:
+            entry.queued -= 1
+            entry.running += 1
+        return True
 
     def _row_routes(self, rows: list[_Row] | None = None) -> tuple[list[int], list[str | None] | None]:
         rows = self.rows if rows is None else rows
@@ -331,9 +349,6 @@ class Engine:
             entry: AdapterEntry | None = w.entry
             slot, routed = 0, None
             if entry is not None:
-                with self.adapters.lock:
-                    entry.queued -= 1
-                    entry.running += 1
                 slot = entry.slot or 0
                 routed = entry.key if entry.kind == "routed" else None
             req = w.request
@@ -511,9 +526,14 @@ class Engine:
         merged_entry = next((e for e in counts if e is not None and e.slot is not None and e.slot == self.bank.merged), None)
         target = self.policy.decide(counts, merged_entry, mergeable)
         if target is None:
-            self.bank.unmerge()
+            if self.bank.merged is not None:
+                self.bank.unmerge()
+                self._counters["unmerges"] += 1
         elif target.slot != self.bank.merged and self.bank.can_merge():
+            if self.bank.merged is not None:
+                self._counters["unmerges"] += 1
             self.bank.merge(target.slot)
+            self._counters["merges"] += 1
 
     # -- numbers ---------------------------------------------------------------------------------------
     def _count_tokens(self, now: float, n: int) -> None:
