@@ -117,6 +117,14 @@ def test_seq2seq_t5_trains_evaluates_and_generates(tmp_path: Path, capsys: pytes
     assert main(["generate", str(out), "--prompt", "good movie", "--max-new-tokens", "4", "--no-progress",
                  "--device", "cpu"]) == 0
     assert capsys.readouterr().out.strip() == "good movie"  # the decoder's text, </s> and the start token removed
+    for extra, name in (([], "eval.json"), (["--base"], "base.json")):  # peftlab eval on the same file
+        assert main(["eval", str(out), "--data", str(data), "--prompt-col", "source", "--response-col", "target",
+                     "--answer-regex", r"\w+ (\w+)", "--json", str(tmp_path / name), "--device", "cpu", *extra]) == 0
+    scored, base = (json.loads((tmp_path / n).read_text()) for n in ("eval.json", "base.json"))
+    assert scored["kind"] == "seq2seq" and scored["metric"] == "exact_match" and base["adapter"] is None
+    assert scored["metrics"]["loss"] == pytest.approx(report["metrics_after"]["loss"], rel=1e-5)
+    assert base["metrics"]["loss"] == pytest.approx(report["metrics_before"]["loss"], rel=1e-5)  # LoRA starts at 0
+    assert scored["metrics"]["exact_match"] == 1.0 and scored["metrics"]["no_answer"] == 0  # it copies every row
 
 
 # -- peftlab eval as a real process: MiniLM on SST-2 --------------------------------------------------

@@ -166,16 +166,14 @@ def run_eval(args: argparse.Namespace) -> int:
     pm, tokenizer = load_adapter(directory, _base_name(args, record), kind, examples.num_labels, device)
     with user_errors(ValueError):
         if examples.is_generative:
-            loader = make_generative_loader(generative_dataset(args, examples, pm, tokenizer,
-                                                               record.get("prompt_format") or args.prompt_format),
-                                            args.batch_size)
+            fmt = args.prompt_format if args.prompt_format != "auto" else record.get("prompt_format") or "auto"
+            loader = make_generative_loader(generative_dataset(args, examples, pm, tokenizer, fmt), args.batch_size)
         else:
             loader = make_loader(examples, tokenizer, args.batch_size, args.max_length)
     with pm.disable_adapters() if args.base else contextlib.nullcontext():
         result = evaluate_model(pm, loader, device)
     summary: dict[str, Any] = {"adapter": None if args.base else str(directory), "model": _base_name(args, record),
-                               "kind": kind,
-                               "data": args.data or examples.task, "metric_names": examples.metrics,
+                               "kind": kind, "data": args.data or examples.task, "metric_names": examples.metrics,
                                "metric": examples.metrics[0], "metrics": result,
                                **task_report(examples, examples, (loader,), result)}
     rows = [(name, format_number(result.get(name))) for name in examples.metrics]
