@@ -19,7 +19,7 @@ SMOKE = ["--model", "tiny", "--threads", "1", "--quiet", "--warmup", "1", "--len
 CELL_FIELDS = {"system", "label", "n_adapters", "requests", "ok", "failed", "failures", "span_s", "generated_tokens",
                "tokens_per_s", "requests_per_s", "deadline_miss_rate", "first_token_p50_s", "first_token_p90_s",
                "first_token_p99_s", "total_p50_s", "total_p90_s", "total_p99_s", "peak_mb", "peak_above_loaded_mb",
-               "model_load_s", "adapter_load_s", "engine_stats"}
+               "model_load_s", "adapter_load_s", "engine_stats", "cpu_s", "tokens_per_cpu_s"}
 
 
 def _run(tmp_path: Path, *args: str) -> tuple[int, dict]:
@@ -44,7 +44,10 @@ def test_smoke_run_reports_every_system(tmp_path):
     # greedy decoding of one trace through the same 4 adapters: every system generates the same tokens
     counts = {cells[k]["generated_tokens"] for k in (("engine", 4), ("peft_switch", 4), ("peft_mixed", 4))}
     assert len(counts) == 1, counts
-    assert [t["target"] for t in report["targets"]] == ["vs_base@4", "vs_peft_switch@4", "vs_peft_mixed@4"]
+    names = ["vs_base@4", "vs_peft_switch@4", "vs_peft_mixed@4"]
+    assert [t["target"] for t in report["targets"]] == names + [f"{n}@cpu" for n in names]
+    for cell in cells.values():
+        assert cell["tokens_per_cpu_s"] == pytest.approx(cell["generated_tokens"] / cell["cpu_s"])
     for t in report["targets"]:
         assert t["passed"] == (t["value"] >= t["limit"])
     assert report["settings"]["rate"] == 100 and report["meta"]["command"].startswith("peftlab bench serve")

@@ -110,11 +110,14 @@ def run_cell(job: dict[str, Any]) -> dict[str, Any]:
         run_trace(system, warmup, names, slo_s=job["slo_s"])
         sampler = MemorySampler(job.get("sample_every_s", 1.0))
         with PeakMemory(job["device"]) as peak, sampler:
+            cpu0 = time.process_time()
             records, span = run_trace(system, trace, names, slo_s=job["slo_s"], timeout_s=job["timeout_s"])
+            cpu_s = time.process_time() - cpu0
         stats = system.stats()
+    summary = summarize(records, span)
     result = {
-        "system": job["system"], "label": LABELS[job["system"]], "n_adapters": job["n_adapters"],
-        **summarize(records, span),
+        "system": job["system"], "label": LABELS[job["system"]], "n_adapters": job["n_adapters"], **summary,
+        "cpu_s": cpu_s, "tokens_per_cpu_s": summary["generated_tokens"] / cpu_s if cpu_s > 0 else 0.0,
         "peak_mb": (peak.baseline_bytes + peak.peak_bytes) / MB, "peak_above_loaded_mb": peak.peak_bytes / MB,
         "memory_method": peak.method, "model_load_s": t1 - t0, "adapter_load_s": t2 - t1,
         "engine_stats": {k: v for k, v in stats.items() if isinstance(v, (int, float, str, bool, type(None)))},
