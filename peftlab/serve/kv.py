@@ -37,6 +37,7 @@ class SlotCache:
         self.values: dict[int, torch.Tensor] = {}
         self.rows = 0  # allocated rows
         self.columns = 0  # allocated columns
+        self.peak_columns = 0  # the most columns ever allocated
         self._call: tuple[Any, ...] | None = None
 
     # -- what the engine does between calls ----------------------------------------------------------
@@ -56,6 +57,7 @@ class SlotCache:
                 grown[: self.rows, :, : self.columns] = old
                 store[layer] = grown
         self.rows, self.columns = new_rows, new_cols
+        self.peak_columns = max(self.peak_columns, new_cols)
 
     def move_rows(self, src: list[int], dst: list[int]) -> None:
         """Copy rows ``src`` onto rows ``dst`` in every layer (packing running rows after some finished)."""
