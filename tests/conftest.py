@@ -6,10 +6,17 @@ import os
 
 import pytest
 import torch
+from transformers.utils import logging as transformers_logging
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# transformers makes its library logger's StreamHandler on first use, holding the sys.stderr of
+# that moment. Made inside a test that uses capsys, it would hold that test's capture stream, which
+# pytest closes afterwards: every later transformers warning then prints "--- Logging error ---"
+# into whatever stderr a later test checks. Made here, it holds the session's stderr.
+transformers_logging.get_logger("transformers")
 
 
 def one_thread():
