@@ -59,6 +59,19 @@ def test_each_delta_is_sharded_in_the_unit_of_its_block(one_process_group: objec
     assert torch.allclose(pm(**batch).logits, expected, atol=1e-6)  # sharding changes no output
 
 
+def test_generate_after_a_training_step_under_fsdp_equals_the_unsharded_model(one_process_group: object) -> None:
+    # After backward the root unit (embeddings, LM head) is resharded, and generate() calls the
+    # base's forward, not pm's: FSDP must treat pm.generate as a forward to gather the root.
+    model = tiny_model("llama", "causal-lm")
+    torch.manual_seed(0)
+    pm = peftlab.apply(model, "lora[r=4]")
+    batch = tiny_batch(model, batch=2)
+    expected = pm.generate(**batch, max_new_tokens=4, do_sample=False)
+    shard_with_blocks(pm, one_process_group)
+    pm(**batch, labels=batch["input_ids"]).loss.backward()
+    assert torch.equal(pm.generate(**batch, max_new_tokens=4, do_sample=False), expected)
+
+
 def test_deltas_sharing_a_parameter_across_blocks_stay_in_the_root_unit(one_process_group: object) -> None:
     pm = _bert_with("compacter[n=2,reduction_factor=8]")  # one PHM rule for every layer's adapter
     units = block_units(pm)

@@ -21,18 +21,18 @@ from safetensors.torch import load_file
 
 import peftlab
 from peftlab.cli import main
+from tiny_dirs import WORDS, tiny_model_dir
 
 ATOL = 1e-6  # observed: ~7e-8 (float32 sums in another order)
 METHOD = "lora[r=4]"
 BIN = Path(sys.executable).parent
-WORDS = ["good", "bad", "fine", "awful", "great", "poor", "movie", "plot", "actor", "film"]
 
 
 def _rows(rng: random.Random, n: int) -> str:
     lines = ["sentence\tlabel"]
     for _ in range(n):
         ws = [rng.choice(WORDS) for _ in range(rng.randint(1, 5))]
-        good = sum(w in ("good", "fine", "great") for w in ws) > sum(w in ("bad", "awful", "poor") for w in ws)
+        good = sum(w in ("good", "fine") for w in ws) > sum(w in ("bad", "awful") for w in ws)
         lines.append(f"{' '.join(ws)}\t{int(good)}")
     return "\n".join(lines) + "\n"
 
@@ -41,28 +41,24 @@ def _rows(rng: random.Random, n: int) -> str:
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A tiny BERT directory (dropout 0) with a word tokenizer, 64 training rows (4 global batches of
     16) and 33 eval rows (17 + 16 over two processes: one process has a batch fewer)."""
-    from transformers import BertTokenizer
-
-    from peftlab.zoo import tiny_model
-
     root = tmp_path_factory.mktemp("dist")
-    tiny_model("bert").save_pretrained(root / "bert")
-    (root / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    BertTokenizer(str(root / "vocab.txt")).save_pretrained(root / "bert")
+    bert = tiny_model_dir(root, "bert", "classification")
     rng = random.Random(0)
     (root / "train.tsv").write_text(_rows(rng, 64))
     (root / "eval.tsv").write_text(_rows(rng, 33))
-    args = ["--model", str(root / "bert"), "--data", str(root / "train.tsv"), "--eval-data", str(root / "eval.tsv"),
+    args = ["--model", str(bert), "--data", str(root / "train.tsv"), "--eval-data", str(root / "eval.tsv"),
             "--text-cols", "sentence", "--label-col", "label", "--max-length", "12", "--method", METHOD,
             "--lr", "0.01", "--epochs", "2", "--seed", "5", "--no-progress", "--device", "cpu"]
-    return {"root": root, "args": args}
+    return {"root": root, "args": args, "bert": bert}
 
 
-def _launch(launcher: list[str], setup: dict[str, Any], out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+def _launch(launcher: list[str], setup: dict[str, Any], out: Path, *extra: str,
+            args: list[str] | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(setup["root"] / "hf")}  # no user accelerate config
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         env.pop(name, None)
-    command = [*launcher, "-m", "peftlab", "train", *setup["args"], "--batch-size", "8", "--out", str(out), *extra]
+    command = [*launcher, "-m", "peftlab", "train", *(args or [*setup["args"], "--batch-size", "8"]), "--out", str(out),
+               *extra]
     run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     return run
@@ -100,8 +96,8 @@ def _assert_same_adapter(a: Path, b: Path) -> None:
 def _assert_same_training(one: dict[str, Any], many: dict[str, Any]) -> None:
     assert many["steps"] == one["steps"] == 8
     assert many["examples"] == one["examples"] == 128  # 2 epochs of 64, counted over both processes
-    for x, y in zip(one["loss_curve"], many["loss_curve"], strict=True):
-        assert y == pytest.approx(x, rel=1e-6)
+    assert many["loss_curve"] == pytest.approx(one["loss_curve"], rel=1e-6)
+    assert many["grad_norm_curve"] == pytest.approx(one["grad_norm_curve"], rel=1e-5)
     after_one, after_many = one["metrics_after"], many["metrics_after"]
     assert after_many["examples"] == after_one["examples"] == 33  # every eval example once, gathered
     assert after_many["accuracy"] == after_one["accuracy"]
@@ -121,7 +117,7 @@ def test_torchrun_ddp_trains_the_adapter_one_process_trains(setup: dict[str, Any
     assert many["metrics_before"]["examples"] == 33
     assert many["metrics_before"]["loss"] == pytest.approx(one["metrics_before"]["loss"], rel=1e-6)
     # DDP's reducer holds the trainable parameters and nothing of the frozen base.
-    pm = peftlab.apply(peftlab.zoo.load(str(setup["root"] / "bert"), task="classification")[0], METHOD,
+    pm = peftlab.apply(peftlab.zoo.load(str(setup["bert"]), task="classification")[0], METHOD,
                        modules_to_save=["classifier"])
     trainable = [p for p in pm.parameters() if p.requires_grad]
     procs = many["processes"]
@@ -175,3 +171,27 @@ def test_accelerate_launch_gives_the_torchrun_adapter(mode: str, setup: dict[str
     assert many["processes"]["world_size"] == 2
     assert many["processes"]["strategy"] == ("fsdp" if mode == "--use_fsdp" else "ddp")
     assert many["loss_curve"] == pytest.approx(_report(torchrun_out)["loss_curve"], rel=1e-6)
+
+
+def test_torchrun_ddp_instruction_tuning_equals_one_process(setup: dict[str, Any]) -> None:
+    # Causal-LM: loss on the response tokens, and an eval set scored by generation, which every
+    # process evaluates whole (DDP's wrapper has no generate(): the trainer evaluates the module).
+    root = setup["root"]
+    model = tiny_model_dir(root, "llama", "causal-lm")
+    rows = [("good movie", "good movie"), ("bad plot", "bad plot"), ("one two", "one two"), ("the movie", "the movie")]
+    (root / "copy.csv").write_text("source,target\n" + "".join(f"{a},{b}\n" for a, b in rows * 4))
+    args = ["--model", str(model), "--data", str(root / "copy.csv"), "--eval-data", str(root / "copy.csv"),
+            "--prompt-col", "source", "--response-col", "target", "--answer-regex", r"(\w+)",
+            "--method", "lora[r=4,targets=all-linear]", "--lr", "0.02", "--max-steps", "4", "--max-length", "16",
+            "--no-progress", "--device", "cpu"]
+    assert main(["train", *args, "--batch-size", "8", "--out", str(root / "lm-one")]) == 0
+    _launch(_torchrun(), setup, root / "lm-ddp", args=[*args, "--batch-size", "4"])
+    ta = load_file(str(root / "lm-one" / "adapter_model.safetensors"))
+    tb = load_file(str(root / "lm-ddp" / "adapter_model.safetensors"))
+    assert ta.keys() == tb.keys() and len(ta) == 28  # A and B of the 14 linear layers of 2 blocks
+    assert all(torch.allclose(ta[k], tb[k], rtol=0, atol=ATOL * 10) for k in ta)  # lr 0.02: observed 8e-7
+    one, many = _report(root / "lm-one"), _report(root / "lm-ddp")
+    assert many["loss_curve"] == pytest.approx(one["loss_curve"], rel=1e-6)
+    for key in ("loss", "exact_match", "examples"):
+        assert many["metrics_after"][key] == pytest.approx(one["metrics_after"][key], rel=1e-6)
+    assert many["metrics_after"]["examples"] == 16 and many["processes"]["strategy"] == "ddp"

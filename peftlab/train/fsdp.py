@@ -64,7 +64,7 @@ def shard_with_blocks(pm: PeftModel, mesh: Any) -> PeftModel:
     """Apply ``fully_shard`` to each block with its deltas (:func:`block_units`), then to ``pm`` (the
     root unit). ``pm`` is sharded in place (its class becomes FSDP's subclass) and returned. Build
     the optimizer afterwards: the trainable parameters are new ``DTensor`` objects."""
-    from torch.distributed.fsdp import fully_shard  # noqa: PLC0415
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method  # noqa: PLC0415
 
     acting = [name for name in pm.adapters if name in pm._training]
     if acting:
@@ -74,6 +74,9 @@ def shard_with_blocks(pm: PeftModel, mesh: Any) -> PeftModel:
     for modules in block_units(pm).values():
         fully_shard(modules if len(modules) > 1 else modules[0], mesh=mesh)
     fully_shard(pm, mesh=mesh)
+    # generate() calls the base's forward, not pm's: without this the root unit (embeddings, head)
+    # would stay sharded during generation.
+    register_fsdp_forward_method(pm, "generate")
     return pm
 
 

@@ -286,7 +286,8 @@ class Trainer:
             raise ValueError("no loader to evaluate")
         kind = self.kind or self._dataset_attr("kind", loader)
         metrics = self.metrics or self._dataset_attr("metrics", loader)
-        result = evaluate_model(self.model, loader, self.device, kind, metrics, self.mixed_precision,
+        # DDP's wrapper has no generate() and its eval forwards need no collective: the module inside.
+        result = evaluate_model(unwrap(self.model), loader, self.device, kind, metrics, self.mixed_precision,
                                 gather=self.processes.eval_gather(loader))
         self._sync()
         return result
