@@ -117,8 +117,10 @@ class DoraLinear(LoraLinear):
         self.lora_magnitude_vector = nn.Parameter(norm.clone())
 
     def _weight_norm(self) -> torch.Tensor:
-        w = weight_out_in(self.base_layer).to(device=self.lora_A.weight.device, dtype=self.lora_A.weight.dtype)
-        return torch.linalg.vector_norm(w + self.delta_out_in().detach(), dim=1)
+        """‖W0 + s B A‖ per output row, detached (DoRA §4.3): computed without recording a graph."""
+        with torch.no_grad():
+            w = weight_out_in(self.base_layer).to(device=self.lora_A.weight.device, dtype=self.lora_A.weight.dtype)
+            return torch.linalg.vector_norm(w + self.delta_out_in(), dim=1)
 
     def magnitude_ratio(self) -> torch.Tensor:
         """m / ‖W0 + s B A‖_row, the norm detached as in the DoRA paper (§4.3)."""
