@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from peftlab.bench.measure import median
 from peftlab.train.cli import DefaultsHelpFormatter
 from peftlab.train.report import format_table, versions
 
@@ -102,12 +103,6 @@ def plot(results: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-
-
 def main(args: argparse.Namespace) -> int:
     """Run every configuration ``--rounds`` times, write the JSON and the plot, print the table."""
     configs = configurations(args.nproc, args.threads)
@@ -122,7 +117,7 @@ def main(args: argparse.Namespace) -> int:
     for config in configs:
         measured = runs[config["name"]]
         rows.append({"name": config["name"], "processes": config["processes"], "threads": config["threads"],
-                     **{k: _median([m[k] for m in measured]) for k in ("wall_s", "train_time_s", "examples_per_s")},
+                     **{k: median([m[k] for m in measured]) for k in ("wall_s", "train_time_s", "examples_per_s")},
                      "runs": measured})
     results = {
         "settings": {k: getattr(args, k) for k in ("model", "task", "method", "examples", "batch_size", "max_length",
