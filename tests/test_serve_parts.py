@@ -152,3 +152,30 @@ def test_bank_equals_the_librarys_mixed_batch_for_any_mix_of_ranks(tmp_path):
         bank.unmerge()
         assert torch.equal(model.model.layers[1].self_attn.q_proj.weight, weight)
     bank.close()
+
+
+def test_bank_with_output_sizes_that_do_not_pad_cheaply(tmp_path):
+    """Output sizes 97 and 89 (primes): the bank is not padded to their multiple, and decoding
+    gathers the Bᵀ block instead of reading it as a table; the result is the same."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 97), torch.nn.ReLU(), torch.nn.Linear(97, 89)).eval()
+    reads = {}
+    for i, (name, r) in enumerate((("a", 3), ("b", 5))):
+        save_adapter(model, f"lora[r={r},targets=0|2]", tmp_path / name, seed=i)
+        reads[name] = read_adapter_dir(tmp_path / name, model)
+    bank = AdapterBank(model, capacity=2, device=torch.device("cpu"), dtype=torch.float32)
+    for slot, name in ((1, "a"), (2, "b")):
+        bank.ensure_layout(reads[name].factors)
+        bank.put(slot, bank.layout.pack(reads[name].factors, torch.float32))
+    assert bank.layout.b_table(bank.flat, "2") is None
+    pm = peftlab.load(torch.nn.Sequential(torch.nn.Linear(5, 97), torch.nn.ReLU(), torch.nn.Linear(97, 89)), tmp_path / "a", "a")
+    pm.model.load_state_dict(model.state_dict())
+    pm.load_adapter(tmp_path / "b", "b")
+    pm.set_adapter([])
+    x = torch.randn(4, 1, 5)
+    with torch.no_grad(), bank.call([2, 0, 1, 2]):
+        got = model(x)
+    with torch.no_grad():
+        want = pm(x, adapter_names=["b", None, "a", "b"])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    bank.close()

@@ -1,18 +1,24 @@
 """The adapter bank: every resident LoRA-family adapter's weights, stacked once, gathered per row.
 
 Layout (:class:`BankLayout`): each adapter is one flat row of P numbers holding, for every hooked
-module m, A_m (R × in_m) then B_m (out_m × R), ranks zero-padded to the bank's rank R and the
-scaling folded into B. The bank on the compute device is a (slots + 1, P) tensor whose row 0 is all
-zeros (rows that use no bank adapter). Loading an adapter into a slot is one copy of its flat row;
-a new module or a larger rank re-lays the bank once, at load time, never per call.
+module m, Aᵀ_m (in_m × R), then for every module Bᵀ_m (R × out_m): ranks zero-padded to the bank's
+rank R, the scaling folded into B, P padded to a multiple of every out_m when that is cheap. The
+bank on the compute device is a (slots + 1, P) tensor whose row 0 is all zeros (rows that use no
+bank adapter). Loading an adapter into a slot is one copy of its flat row; a new module or a larger
+rank re-lays the bank once, at load time, never per call.
 
-A call (:meth:`AdapterBank.call`) gives each row its slot: the first hooked module gathers the rows'
-flat rows once (one ``index_select``), and every module computes, from its slice of them,
+A call (:meth:`AdapterBank.call`) gives each row its slot; each hooked module then adds, per row i
+with slot s_i (Punica's SGMV idea: one pass whatever the mix of adapters and ranks),
 
-    y += bmm(bmm(x, Aᵀ[slot]), Bᵀ[slot])        (Punica's SGMV idea, as two batched matmuls)
+    y_i += B_{s_i} (A_{s_i} x_i)
 
-so a batch with any mix of adapters and ranks costs one gather and two batched matmuls per module,
-whatever its composition. A call where no row uses the bank skips the hooks.
+* decoding (one token per row): two ``embedding_bag`` calls over the bank itself, seen as rows of R
+  numbers (h_i = Σ_j x_ij Aᵀ_{s_i}[j]) and as rows of out_m numbers (Δy_i = Σ_r h_ir Bᵀ_{s_i}[r]):
+  each row reads exactly its adapter's weights and nothing is copied;
+* prefill (many tokens per row): the rows' flat rows are gathered once per call (one
+  ``index_select`` shared by every module), then two batched matmuls per module.
+
+A call where no row uses the bank skips the hooks.
 
 dLoRA merging (:meth:`AdapterBank.merge`): one slot's ΔW = B A is added into the base weights (the
 originals are kept and restored exactly by :meth:`unmerge`). Its rows then map to row 0 and cost

@@ -218,10 +218,10 @@ class AdapterCache:
         t0 = time.perf_counter()
         if entry.kind == "bank":
             flat, layout = host
-            factors = layout.unpack(flat)
-            self.bank.ensure_layout(factors)
-            if layout != self.bank.layout:
-                flat = self.bank.repack(flat, layout)
+            if layout is not self.bank.layout and layout != self.bank.layout:  # rare: re-lay, re-pack
+                self.bank.ensure_layout(layout.unpack(flat))
+                if layout != self.bank.layout:
+                    flat = self.bank.repack(flat, layout)
                 entry.host = (flat, self.bank.layout)
             entry.slot = self._free_slot()
             self.bank.put(entry.slot, flat)
