@@ -106,3 +106,18 @@ def test_rows_runs_only_the_training_rows_named(tmp_path):
     assert {t["target"] for t in data["targets"]} >= {"dora_overhead_time", "dora_overhead_mem"}
     with pytest.raises(SystemExit):
         cli.main(["lora", "--rows", "lora_qvv"])
+
+
+def test_interleave_runs_both_libraries_of_a_row_in_one_process(tmp_path):
+    out = tmp_path / "pair.json"
+    argv = ["lora", *FAST, "--only", "train", "--rows", "lora_qv,dora_qv", "--interleave", "--no-plot", "--out", str(out)]
+    assert cli.main(argv) == 0
+    data = json.loads(out.read_text())
+    got = {(r["row"], r["lib"]): r for r in data["train"]}
+    assert sorted(got) == sorted((v, lib) for v in ("lora_qv", "dora_qv") for lib in LIBS)
+    for row in got.values():
+        assert row["interleaved"] and row["time_s"] > 0 and row["cpu_s"] > 0 and row["peak_mb"] >= 0
+        assert len(row["times_s"]) == 1  # --steps 1: one timed step per library
+    for v in ("lora_qv", "dora_qv"):
+        assert got[(v, "peftlab")]["trainable"] == got[(v, "peft")]["trainable"] > 0
+    assert {t["target"] for t in data["targets"]} >= {"train_time", "train_mem", "dora_overhead_time"}

@@ -5,7 +5,7 @@ bench serve``, the serving load benchmark, is dispatched by :mod:`peftlab.cli` t
 :mod:`peftlab.serve.bench.cli` (the serve layer sits above this one).
 
     peftlab bench lora [--models smollm2,minilm] [--steps N] [--out runs/bench_lora.json]
-                       [--quick] [--only train|infer|mixed] [--rows lora_qv,dora_qv] [--threads N]
+                       [--quick] [--only train|infer|mixed] [--rows lora_qv,dora_qv] [--interleave] [--threads N]
                        [--device auto|cpu|cuda]
 """
 
@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="train, infer or mixed (comma-separated for several; default all)")
     lora.add_argument("--rows", type=_csv(tuple(TRAIN_ROWS), "training row"), default=tuple(TRAIN_ROWS),
                       help=f"training rows to run, comma-separated: {', '.join(TRAIN_ROWS)} (default all)")
+    lora.add_argument("--interleave", action="store_true",
+                      help="run each adapter row's two libraries in one process, their training steps timed "
+                           "alternately (steady on a busy machine; memory is then the peak of one step)")
     lora.add_argument("--threads", type=int, default=0, help="torch threads in every job (default: torch's default)")
     lora.add_argument("--device", default="auto",
                       help="auto (cuda when available, else cpu), cpu, cuda or cuda:N; a device this machine lacks "
@@ -112,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     _warn_if_busy(args.threads)
 
-    opts = Options(models=args.models, steps=args.steps, out=args.out, quick=args.quick, only=args.only, rows=args.rows,
+    opts = Options(models=args.models, steps=args.steps, out=args.out, quick=args.quick, only=args.only, rows=args.rows, interleave=args.interleave,
                    threads=args.threads, device=args.device, seed=args.seed, isolate=args.isolate,
                    decode_factor=args.decode_factor, plot=not args.no_plot)
     report = run(opts, progress=not args.quiet)

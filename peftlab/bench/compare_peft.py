@@ -12,11 +12,10 @@ so a method registered later is compared without an edit here), one *compare job
    we keep frozen (LoRA-FA's A) is frozen in PEFT's model too. The largest difference of the two
    models' logits on the batch (eval mode) is recorded, as a check that they compute the same thing
    (losses may differ: PEFT's AdaLoRA adds its penalty to the model's loss);
-3. memory: each library's step under :class:`~peftlab.train.memory.PeakMemory` (freed heap handed
-   back to the OS and the high-water mark reset before each), alternating, twice each; the larger
-   (the first holds the optimizer's state creation) is the peak above the memory in use before it;
-4. time: one untimed round, then ``repeats`` rounds of ours, PEFT (:func:`~peftlab.bench.measure.interleaved`),
-   so that drift in the machine's load hits both alike; the medians of wall and CPU time.
+3. memory, then time (:func:`~peftlab.bench.measure.measure_pair`): each library's step under
+   :class:`~peftlab.train.memory.PeakMemory`, alternating, twice each, the larger growth above the
+   memory in use before the step; then one untimed round and ``repeats`` rounds of ours, PEFT, so
+   that drift in the machine's load hits both alike; the medians of wall and CPU time.
 
 A step is the same for both: zero_grad, the task loss (plus ``pm.regularizer()`` on our side; PEFT's
 AdaLoRA adds its own penalty in forward), backward, AdamW at the method's ``default_lr``, then the
@@ -37,7 +36,7 @@ import torch
 from torch import nn
 
 from peftlab.bench.libs import train_step, trainable
-from peftlab.bench.measure import MB, interleaved, median
+from peftlab.bench.measure import measure_pair, median
 from peftlab.bench.standard_run import FULL
 
 #: The ``job_kind`` of a compare job and of its record in ``results.jsonl``.
@@ -184,14 +183,6 @@ def _eval_outputs(net: nn.Module, batch: dict[str, Any], kind: str) -> tuple[flo
     return float(loss), logits.float()
 
 
-def _peak_mb(step: Callable[[], None], device: torch.device) -> tuple[float, str]:
-    from peftlab.train.memory import PeakMemory
-
-    with PeakMemory(device) as memory:
-        step()
-    return memory.peak_bytes / MB, memory.method
-
-
 # -- one compare job ---------------------------------------------------------------------------------------
 def _measure(job: dict[str, Any], record: dict[str, Any]) -> None:
     """Fill ``record`` (raises :class:`NotInPeft`, :class:`PeftSideError` or our own errors)."""
@@ -229,13 +220,8 @@ def _measure(job: dict[str, Any], record: dict[str, Any]) -> None:
     record["logits_max_abs_diff"] = float((ours - theirs).abs().max())
     steps = {"peftlab": _ours_step(pm, batch, train_ex.kind, lr), "peft": _peft_step(twin, batch, train_ex.kind, lr)}
 
-    peaks = {lib: 0.0 for lib in LIBS}
-    for rnd in range(MEMORY_ROUNDS):
-        for lib in (LIBS if rnd % 2 == 0 else LIBS[::-1]):
-            peak, record["memory_method"] = _peak_mb(steps[lib], device)
-            peaks[lib] = max(peaks[lib], peak)
     repeats = int(job.get("repeats", DEFAULT_REPEATS))
-    times, _ = interleaved({lib: (lambda s=steps[lib]: s) for lib in LIBS}, repeats, device)
+    times, peaks, record["memory_method"] = measure_pair(steps, repeats, device, MEMORY_ROUNDS)
     for lib in LIBS:
         record[f"{lib}_step_ms"] = 1000 * median(times[lib]["wall"])
         record[f"{lib}_cpu_ms"] = 1000 * median(times[lib]["cpu"])

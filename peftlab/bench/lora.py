@@ -5,7 +5,8 @@ Each job is a JSON-able dict (``kind``, ``model``, ``threads``, ``steps``, ``see
 subprocess (:func:`peftlab.bench.measure.run_isolated`) or, for tiny test models, in-process.
 
 * ``train``: a forward + backward + AdamW step on the training batch, for one row and one library;
-  time per step and peak memory above the loaded model.
+  time per step and peak memory above the loaded model. ``train_pair`` (``--interleave``): one row
+  with both libraries in one process, their steps timed alternately, peak memory per step.
 * ``infer``: a no-grad prefill of the training batch shape by the base, and by LoRA q,v unmerged and
   merged in both libraries; the calls are interleaved round by round so that drift in the machine's
   load hits every variant alike.
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from peftlab.bench import libs
-from peftlab.bench.measure import MB, interleaved, median, timed
+from peftlab.bench.measure import MB, interleaved, measure_pair, median, timed
 from peftlab.bench.models import SPECS, ModelSpec, load_model, logits, make_batch, prefill_kwargs
 from peftlab.core.model_calls import cache_argument
 from peftlab.train.memory import PeakMemory
@@ -57,6 +58,23 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
         times = timed(step, job["steps"], device)
     return {**_summary(times), "peak_mb": memory.peak_bytes / MB, "memory_method": memory.method,
             "baseline_mb": memory.baseline_bytes / MB, "trainable": n_trainable, "shape": list(train_shape)}
+
+
+def train_pair_job(job: dict[str, Any]) -> dict[str, Any]:
+    """One adapter row (``job["row"]``) with both libraries in this one process (``--interleave``):
+    a model copy each, the same batch; peak memory per library's step, then the two libraries' steps
+    timed alternately (:func:`~peftlab.bench.measure.measure_pair`), so that the machine's load
+    hits both alike. Returns ``{"rows": [one row per library]}``."""
+    spec, device = _setup(job)
+    train_shape, _ = spec.shapes(job["quick"])
+    steps, trainable = {}, {}
+    for lib in libs.LIBS:
+        model = load_model(spec, device)
+        batch = make_batch(spec, model, train_shape, job["seed"], labels=True, device=device)
+        steps[lib], trainable[lib] = _train_step({**job, "lib": lib}, spec, model, batch)
+    times, peaks, method = measure_pair(steps, job["steps"], device)
+    return {"rows": [{"lib": lib, **_summary(times[lib]), "peak_mb": peaks[lib], "memory_method": method,
+                      "trainable": trainable[lib], "shape": list(train_shape), "interleaved": True} for lib in libs.LIBS]}
 
 
 def _train_step(job: dict[str, Any], spec: ModelSpec, model: nn.Module, batch: dict[str, Any]) -> tuple[Callable[[], None], int]:
@@ -245,4 +263,5 @@ def _collect(result: dict[str, Any], phase: str, times: dict, outs: dict, tokens
     result["checks"][f"{phase}_adapters_change_output"] = _max_diff(outs[f"peftlab#{ADAPTER_COUNTS[-1]}"], outs["base"])
 
 
-JOBS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {"train": train_job, "infer": infer_job, "mixed": mixed_job}
+JOBS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {"train": train_job, "train_pair": train_pair_job,
+                                                               "infer": infer_job, "mixed": mixed_job}

@@ -2,7 +2,8 @@
 
 * :func:`timed` runs a callable ``1 + steps`` times and keeps the wall-clock and process-CPU seconds
   of the timed calls (the first is a warm-up); :func:`interleaved` times several callables round by
-  round; :func:`median` summarises them.
+  round; :func:`measure_pair` measures competing training steps in one process, memory then time;
+  :func:`median` summarises them.
 * peak memory above the loaded model comes from :class:`peftlab.train.memory.PeakMemory`.
 * :func:`run_isolated` runs one job in a fresh Python process (:mod:`peftlab.bench.worker`), so that
   allocator state and the memory high-water mark of one row never leak into the next.
@@ -75,6 +76,29 @@ def interleaved(cases: dict[str, Callable[[], Callable[[], Any]]], steps: int, d
                 times[key]["wall"].append(wall)
                 times[key]["cpu"].append(cpu)
     return times, outputs
+
+
+def measure_pair(steps: dict[str, Callable[[], Any]], repeats: int, device: torch.device | str = "cpu",
+                 memory_rounds: int = 2) -> tuple[dict[str, dict[str, list[float]]], dict[str, float], str]:
+    """Peak memory, then time, of competing steps in one process (two libraries' training steps).
+
+    Memory: each step under :class:`~peftlab.train.memory.PeakMemory` (freed heap handed back and the
+    high-water mark reset before it), in alternating order, ``memory_rounds`` times; a step's peak is
+    the largest growth above the memory in use before it (the first round creates optimizer state).
+    Time: one untimed round, then ``repeats`` rounds of every step (:func:`interleaved`).
+    Returns ``(times per step, peak MB per step, the memory method)``."""
+    from peftlab.train.memory import PeakMemory
+
+    names = list(steps)
+    peaks = dict.fromkeys(names, 0.0)
+    method = ""
+    for rnd in range(memory_rounds):
+        for name in names if rnd % 2 == 0 else names[::-1]:
+            with PeakMemory(device) as memory:
+                steps[name]()
+            peaks[name], method = max(peaks[name], memory.peak_bytes / MB), memory.method
+    times, _ = interleaved({name: (lambda s=step: s) for name, step in steps.items()}, repeats, device)
+    return times, peaks, method
 
 
 def median(values: list[float]) -> float:

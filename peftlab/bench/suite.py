@@ -39,6 +39,8 @@ class Options:
     only: tuple[str, ...] = SECTIONS
     #: The training rows to run (default every one of ``lora.TRAIN_ROWS``).
     rows: tuple[str, ...] = tuple(TRAIN_ROWS)
+    #: Both libraries of an adapter row in one process, their steps timed alternately.
+    interleave: bool = False
     threads: int = 0  # 0: torch.get_num_threads()
     device: str = "auto"
     seed: int = 0
@@ -64,6 +66,9 @@ def plan(opts: Options) -> list[dict[str, Any]]:
             for row in [r for r in REFERENCE_ROWS if r in opts.rows]:
                 jobs.append({**common, "kind": "train", "model": model, "row": row, "lib": "torch"})
             for i, row in enumerate([r for r in libs.VARIANTS if r in opts.rows]):
+                if opts.interleave:
+                    jobs.append({**common, "kind": "train_pair", "model": model, "row": row, "lib": "both"})
+                    continue
                 order = libs.LIBS if i % 2 == 0 else libs.LIBS[::-1]
                 jobs += [{**common, "kind": "train", "model": model, "row": row, "lib": lib} for lib in order]
         if "infer" in opts.only:
@@ -75,8 +80,8 @@ def plan(opts: Options) -> list[dict[str, Any]]:
 
 def rows_of(job: dict[str, Any]) -> int:
     """How many table rows a job produces (for the progress bar)."""
-    if job["kind"] == "train":
-        return 1
+    if job["kind"] in ("train", "train_pair"):
+        return 1 if job["kind"] == "train" else len(libs.LIBS)
     if job["kind"] == "infer":
         return 5
     phases = 2 if SPECS[job["model"]].decoder else 1
@@ -137,9 +142,11 @@ def _meta(opts: Options, jobs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _merge(report: dict[str, Any], job: dict[str, Any], result: dict[str, Any]) -> None:
     model = job["model"]
-    if job["kind"] == "train":
+    if job["kind"] in ("train", "train_pair"):
         label = REFERENCE_ROWS.get(job["row"]) or libs.VARIANTS[job["row"]].label
-        report["train"].append({"model": model, "row": job["row"], "label": label, "lib": job["lib"], **result})
+        for row in result.get("rows") or [{"lib": job["lib"], **result}]:
+            report["train"].append({"model": model, "row": job["row"], "label": label, **row,
+                                    "load_avg": result["load_avg"]})
         return
     for row in result["rows"]:
         report[job["kind"]].append({"model": model, **row, "shape": result["shape"], "load_avg": result["load_avg"]})
