@@ -57,6 +57,16 @@ def busy_runs(engine: Engine, requests: list[GenerationRequest], filler: list[Ge
         engine.stop()
 
 
+def together_runs(engine: Engine, requests: list[GenerationRequest]) -> list[list[int]]:
+    """The same requests submitted at once, before a step runs (this thread runs the steps): their
+    prompts are prefilled together, in groups of similar length, whatever their adapters."""
+    assert engine._thread is None
+    handles = [engine.submit(_copy(r)) for r in requests]
+    while not all(h.done for h in handles):
+        engine._step()
+    return [h.result().token_ids for h in handles]
+
+
 class CharTokenizer:
     """The tiny models' tokenizer: token id i is one character (no special tokens but eos)."""
 

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 from conftest import one_thread
-from serve_helpers import PROMPTS, CharTokenizer, busy_runs, lone_runs, save_adapter, until_eos
+from serve_helpers import PROMPTS, CharTokenizer, busy_runs, lone_runs, save_adapter, together_runs, until_eos
 
 import peftlab
 from peftlab.serve.engine import Engine, GenerationRequest
@@ -120,6 +120,7 @@ TINY_ADAPTERS = {
     "ia3": "ia3",
     "par_adapter": "par_adapter[r=8,scale=4,site=ffn]",
     "houlsby": "houlsby[reduction_factor=4]",
+    "prefix": "prefix[length=5,init=random]",
 }
 
 
@@ -152,6 +153,10 @@ def test_tiny_alone_equals_busy_and_equals_each_adapters_generate(tiny_dirs):
     assert len({tuple(t) for t in lone[: len(names)]}) > 4
     filler = [GenerationRequest(PROMPTS[2], adapter="r6", max_tokens=40, temperature=1.0, seed=1)]
     assert busy_runs(engine, requests, filler) == lone  # 6 rows at most: some wait, all join mid-way
+    prefill_calls = engine.stats()["prefill_calls"]
+    six = slice(len(names) - 6, len(names))  # r6 ... prefix: the prefix shares a group with pissa (same length)
+    assert together_runs(engine, requests[six]) == lone[six]
+    assert engine.stats()["prefill_calls"] - prefill_calls == 2  # lengths [1, 1, 3, 6] and [13, 13]
     assert engine.kv.columns == 0  # idle: the cache is freed
     engine.close()
 

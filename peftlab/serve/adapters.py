@@ -15,8 +15,9 @@ made for another base model or with a bad config is refused there.
 
 What the engine keeps (:class:`ReadAdapter`): for LoRA-family adapters on linear layers, only each
 module's low-rank factors ``(A, B)`` with ΔW = B A, the scaling folded into B (:func:`lora_factors`;
-they go into the adapter bank); for any other method, the placed deltas themselves, which the
-engine attaches to its ``PeftModel`` and routes per row.
+they go into the adapter bank); for prefix tuning, each layer's prefix keys and values (written into
+the request's cache row before its prompt); for any other method, the placed deltas themselves,
+which the engine attaches to its ``PeftModel`` and routes per row.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from peftlab.core.config import ConfigError, config_parts
 from peftlab.core.model import build_placement
 from peftlab.core.registry import get_method
 from peftlab.core.targeting import TargetError
+from peftlab.methods.additive.prefix import PrefixConfig
 from peftlab.methods.reparam.lora.deltas import LoraLinear
 
 from .errors import InvalidAdapterError
@@ -47,13 +49,20 @@ PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "p
 
 @dataclass
 class ReadAdapter:
-    """An adapter read from disk: its config, and either its LoRA factors (``factors``: module name
-    -> (A (r, in), B (out, r) with the scaling folded in)) or its placed deltas (``placement``)."""
+    """An adapter read from disk: its config, and one of: its LoRA factors (``factors``: module name
+    -> (A (r, in), B (out, r) with the scaling folded in)), its per-layer prefix keys and values
+    (``prefix``: [(P_k, P_v)], each (kv heads, p, head dim)), or its placed deltas (``placement``)."""
 
     config: Any
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None
     placement: list | None
     nbytes: int
+    prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    @property
+    def kind(self) -> str:
+        """``bank`` (LoRA family), ``prefix`` or ``routed`` (attached to the PeftModel, routed per row)."""
+        return "bank" if self.factors is not None else "prefix" if self.prefix is not None else "routed"
 
 
 def resolve_adapter_dir(path: str | os.PathLike, allowed_roots: Sequence[str | os.PathLike] | None,
@@ -138,14 +147,15 @@ def read_adapter_dir(real: Path, model: nn.Module) -> ReadAdapter:
         cfg, tensors = io.read_adapter(real)
     except io.AdapterFileError as e:
         raise InvalidAdapterError(f"adapter {str(real)!r}: {e}") from None
+    prefix = isinstance(cfg, PrefixConfig) and not cfg.gate and not cfg.encoder and cfg.offset_positions
     for part in config_parts(cfg):
         spec = get_method(part.method)
-        if "model" in spec.sites:
+        if "model" in spec.sites and not prefix:
             raise InvalidAdapterError(
-                f"adapter {str(real)!r} is {spec.name}, which rewrites the model call (its keys and values come "
-                "before the prompt); the engine serves methods that act on layers (LoRA family in its bank; "
-                "(IA)3, BitFit, adapters and the other layer methods by per-row routing). Serve it with "
-                "peftlab.load(model, dir).generate(...)")
+                f"adapter {str(real)!r} is {spec.name}, which rewrites the model call in a way the engine does not "
+                "batch; the engine serves layer methods (LoRA family in its bank; (IA)3, BitFit, adapters and the "
+                "others by per-row routing) and prefix tuning / P-tuning v2 alone (no gate, no encoder prefix, "
+                "offset_positions). Serve it with peftlab.load(model, dir).generate(...)")
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
     signature = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
     templates = _TEMPLATES.setdefault(model, {})
@@ -161,10 +171,21 @@ def read_adapter_dir(real: Path, model: nn.Module) -> ReadAdapter:
     for _, _, delta in placement:
         delta.eval()
         delta.requires_grad_(False)
+    if prefix:
+        return ReadAdapter(cfg, None, None, nbytes, prefix_kv(placement, model))
     factors = lora_factors(placement)
     if factors is not None and not any(d.residual for _, _, d in placement):
         templates[signature] = LoraTemplate.of(placement, cfg)
     return ReadAdapter(cfg, factors, None if factors is not None else placement, nbytes)
+
+
+def prefix_kv(placement: list, model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A prefix adapter's keys and values per layer, (kv heads, p, head dim) each, in the model's dtype."""
+    (_, _, delta), = placement
+    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    with torch.no_grad():
+        return [(k[0].contiguous().cpu(), v[0].contiguous().cpu())
+                for k, v in delta.layer_kv(delta.prefix().detach(), 1, dtype)]
 
 
 #: Per base model: {config signature: LoraTemplate}, learnt from the first adapter of each config.

@@ -42,12 +42,15 @@ class AdapterEntry:
     name: str
     path: Path
     serial: int
-    kind: str  # "bank" (LoRA family) or "routed" (attached to the PeftModel, routed per row)
+    kind: str  # "bank" (LoRA family), "prefix", or "routed" (attached to the PeftModel, routed per row)
     nbytes: int
-    #: host copy: (flat row, its layout) for "bank", (config, placement) for "routed"; None on disk
+    #: host copy: (flat row, its layout) for "bank", [(P_k, P_v)] for "prefix", (config, placement)
+    #: for "routed"; None on disk
     host: Any = None
     slot: int | None = None  # bank row while on the device
     attached: bool = False  # "routed": attached to the engine's PeftModel
+    prefix: list | None = None  # "prefix": its keys and values on the device
+    prefix_length: int = 0  # positions a request of this adapter occupies before its prompt
     queued: int = 0
     running: int = 0
     unloaded: bool = False
@@ -62,7 +65,7 @@ class AdapterEntry:
 
     @property
     def on_device(self) -> bool:
-        return self.slot is not None or self.attached
+        return self.slot is not None or self.attached or self.prefix is not None
 
     @property
     def live(self) -> bool:
@@ -101,7 +104,9 @@ class AdapterCache:
         registration of that name); it lands on the host tier."""
         real = resolve_adapter_dir(path, self.allowed_roots, self.max_adapter_bytes)
         read = read_adapter_dir(real, self.model)
-        entry = AdapterEntry(name, real, next(self._serial), "bank" if read.factors else "routed", read.nbytes)
+        entry = AdapterEntry(name, real, next(self._serial), read.kind, read.nbytes)
+        if read.prefix is not None:
+            entry.prefix_length = int(read.prefix[0][0].shape[1])
         entry.host = self._host_copy(read)
         with self.lock:
             old = self.registry.get(name)
@@ -112,6 +117,8 @@ class AdapterCache:
         return entry
 
     def _host_copy(self, read: ReadAdapter) -> Any:
+        if read.prefix is not None:
+            return read.prefix
         if read.factors is None:
             return (read.config, read.placement)
         layout = self.bank.layout
@@ -225,6 +232,8 @@ class AdapterCache:
                 entry.host = (flat, self.bank.layout)
             entry.slot = self._free_slot()
             self.bank.put(entry.slot, flat)
+        elif entry.kind == "prefix":
+            entry.prefix = [(k.to(self.bank.device), v.to(self.bank.device)) for k, v in host]
         else:
             cfg, placement = host
             self.pm.attach(entry.key, cfg, placement)
@@ -262,6 +271,7 @@ class AdapterCache:
         if entry.attached:
             self.pm.delete_adapter(entry.key)
             entry.attached = False
+        entry.prefix = None
 
     def maintain(self) -> None:
         """Drop retired entries no request holds from every tier (decode thread, between steps)."""

@@ -11,8 +11,9 @@ One background thread runs the decode loop. Each iteration:
    their prompts are prefilled in groups of similar length (PetS), each row getting its own place
    in the batched key/value cache (:mod:`~peftlab.serve.kv`);
 4. one decode step for every running row at once, whatever their adapters: LoRA-family rows through
-   the adapter bank (one gather, batched matmuls: :mod:`~peftlab.serve.bank`), other methods through
-   the library's per-row routing (``adapter_names``), base rows through neither;
+   the adapter bank (:mod:`~peftlab.serve.bank`), other layer methods through the library's per-row
+   routing (``adapter_names``), prefix-tuned rows through the prefix written into their cache row at
+   prefill, base rows through none of these;
 5. each row's token is sampled (:mod:`~peftlab.serve.sampling`), turned into text with stop strings
    (:mod:`~peftlab.serve.text`) and streamed; finished rows leave and the others are packed.
 
@@ -42,7 +43,7 @@ from peftlab.core.model_calls import cache_argument, model_dtype
 from .bank import AdapterBank
 from .cache import AdapterCache, AdapterEntry
 from .errors import InvalidRequestError, PromptTooLongError, ServeError
-from .kv import SlotCache, decode_mask, prefill_mask
+from .kv import SlotCache, decode_mask, prefill_mask, prefixed_prefill_mask
 from .merge_policy import MergePolicy
 from .requests import GenerationRequest, GenerationResult, RequestHandle, TokenEvent
 from .sampling import next_tokens
@@ -62,6 +63,7 @@ class _Row:
     item: Waiting
     slot: int  # bank row (0: none)
     routed: str | None  # PeftModel adapter name for per-row routing, or None
+    prefix: list | None  # per layer (P_k, P_v) written before the prompt, or None
     length: int  # tokens in its cache row = the next token's position
     last: int  # the last token (the next step's input)
     seed: int
@@ -229,13 +231,15 @@ class Engine:
         if bad:
             raise InvalidRequestError(f"field 'prompt_ids': token id {bad[0]} is outside the vocabulary "
                                       f"(0..{self.vocab_size - 1})", field="prompt_ids")
-        if len(req.prompt_ids) >= self.max_context:
-            raise PromptTooLongError(
-                f"the prompt has {len(req.prompt_ids)} tokens but the context holds {self.max_context} "
-                f"(max_context), so at most {self.max_context - 1} prompt tokens leave room for one new token")
         entry = None
         if req.adapter is not None and req.adapter != self.base_name:
             entry = self.adapters.get(req.adapter)
+        room = self.max_context - (entry.prefix_length if entry is not None else 0)
+        if len(req.prompt_ids) >= room:
+            prefix = f" after adapter {req.adapter!r}'s prefix of {self.max_context - room}" if room < self.max_context else ""
+            raise PromptTooLongError(
+                f"the prompt has {len(req.prompt_ids)} tokens but the context holds {self.max_context} "
+                f"(max_context){prefix}, so at most {room - 1} prompt tokens leave room for one new token")
         handle = RequestHandle(req.request_id)
         with self.adapters.lock:
             if entry is not None:
@@ -347,35 +351,44 @@ class Engine:
         rows = []
         for w in group:
             entry: AdapterEntry | None = w.entry
-            slot, routed = 0, None
+            slot, routed, prefix = 0, None, None
             if entry is not None:
                 slot = entry.slot or 0
                 routed = entry.key if entry.kind == "routed" else None
+                prefix = entry.prefix
             req = w.request
             seed = req.seed if req.seed is not None else random.getrandbits(62)
             text = TextTracker(self.tokenizer, req.prompt_ids, req.stop)
-            rows.append(_Row(w, slot, routed, len(req.prompt_ids), 0, seed % (1 << 62), text))
+            length = len(req.prompt_ids) + (entry.prefix_length if entry is not None else 0)
+            rows.append(_Row(w, slot, routed, prefix, length, 0, seed % (1 << 62), text))
         start = len(self.rows)
         self.rows.extend(rows)  # before the call: if it fails, these fail with the others
         slots, routed_names = self._row_routes(rows)
-        logits = self._prefill_logits([w.request.prompt_ids for w in group], start, slots, routed_names)
+        prefixes = [r.prefix for r in rows] if any(r.prefix is not None for r in rows) else None
+        logits = self._prefill_logits([w.request.prompt_ids for w in group], start, slots, routed_names, prefixes)
         self._counters["prefill_calls"] += 1
         self._emit(rows, logits, steps=[0] * len(rows))
         self._pack()
 
     def _prefill_logits(self, prompts: list[list[int]], start: int, slots: list[int],
-                        routed: list[str | None] | None) -> torch.Tensor:
-        """Last-position logits (g, vocab) of right-padded prompts written into cache rows start..start+g-1."""
+                        routed: list[str | None] | None, prefixes: list | None = None) -> torch.Tensor:
+        """Last-position logits (g, vocab) of right-padded prompts written into cache rows
+        start..start+g-1 (after each row's prefix, if any: its tokens' positions start after it)."""
         g, T = len(prompts), max(map(len, prompts))
         ids = torch.full((g, T), self._pad, dtype=torch.long)
         for i, p in enumerate(prompts):
             ids[i, : len(p)] = torch.tensor(p)
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)
-        self.kv.begin_prefill(start, g, T)
+        positions = torch.arange(T, device=self.device).expand(g, T)
+        mask = prefill_mask(lengths, T, self._dtype)
+        if prefixes is not None:
+            starts = torch.tensor([0 if kv is None else kv[0][0].shape[1] for kv in prefixes], device=self.device)
+            positions = positions + starts.view(g, 1)
+            mask = prefixed_prefill_mask(lengths, starts, T, self._dtype)
+        self.kv.begin_prefill(start, g, T, prefixes)
         token = _LAST.set(lengths - 1)
         try:
-            out = self._forward(ids.to(self.device), torch.arange(T, device=self.device).expand(g, T),
-                                prefill_mask(lengths, T, self._dtype), slots, routed)
+            out = self._forward(ids.to(self.device), positions, mask, slots, routed)
         finally:
             _LAST.reset(token)
             self.kv.end()

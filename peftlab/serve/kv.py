@@ -79,10 +79,20 @@ class SlotCache:
         """Bytes held by the buffers."""
         return sum(t.numel() * t.element_size() for s in (self.keys, self.values) for t in s.values())
 
-    def begin_prefill(self, start: int, count: int, tokens: int) -> None:
-        """The next call writes ``tokens`` new keys into fresh rows ``start .. start+count-1``."""
-        self.reserve(start + count, tokens)
-        self._call = ("prefill", start, count, tokens)
+    def begin_prefill(self, start: int, count: int, tokens: int,
+                      prefixes: list[list[tuple[torch.Tensor, torch.Tensor]] | None] | None = None) -> None:
+        """The next call writes ``tokens`` new keys into fresh rows ``start .. start+count-1``, at
+        columns ``0 .. tokens-1``; with ``prefixes`` (per row: per layer (P_k, P_v), each (heads, p,
+        head_dim), or None), row b's prefix fills its columns ``0 .. p_b-1`` and its tokens follow,
+        and the call attends over the prefixes too."""
+        starts = [0 if kv is None else int(kv[0][0].shape[1]) for kv in (prefixes or [None] * count)]
+        self.reserve(start + count, max(starts) + tokens)
+        if not any(starts):
+            self._call = ("prefill", start, count, tokens)
+            return
+        rows = torch.arange(start, start + count, device=self.device).view(count, 1)
+        cols = torch.tensor(starts, device=self.device).view(count, 1) + torch.arange(tokens, device=self.device)
+        self._call = ("prefixed", start, count, max(starts) + tokens, rows, cols, prefixes)
 
     def begin_decode(self, count: int, lengths: torch.Tensor, columns: int) -> None:
         """The next call writes one key per row ``b < count`` at column ``lengths[b]`` and attends
@@ -110,6 +120,16 @@ class SlotCache:
             kbuf[start : start + count, :, :tokens] = key
             vbuf[start : start + count, :, :tokens] = value
             return key, value  # fresh rows: the prompt attends over itself only
+        if self._call[0] == "prefixed":
+            _, start, count, columns, rows, cols, prefixes = self._call
+            for b, kv in enumerate(prefixes):
+                if kv is not None:
+                    pk, pv = kv[layer_idx]
+                    kbuf[start + b, :, : pk.shape[1]] = pk
+                    vbuf[start + b, :, : pv.shape[1]] = pv
+            kbuf[rows, :, cols] = key.transpose(1, 2)  # (count, tokens, heads, head_dim) at per-row columns
+            vbuf[rows, :, cols] = value.transpose(1, 2)
+            return kbuf[start : start + count, :, :columns], vbuf[start : start + count, :, :columns]
         _, rows, lengths, columns = self._call
         kbuf[rows, :, lengths] = key[:, :, 0]
         vbuf[rows, :, lengths] = value[:, :, 0]
@@ -138,6 +158,17 @@ def prefill_mask(lengths: torch.Tensor, tokens: int, dtype: torch.dtype) -> torc
     causal = idx.view(1, tokens, 1) >= idx.view(1, 1, tokens)
     real = idx.view(1, 1, tokens) < lengths.view(-1, 1, 1)
     return _additive(causal & real, dtype).unsqueeze(1)
+
+
+def prefixed_prefill_mask(lengths: torch.Tensor, starts: torch.Tensor, tokens: int, dtype: torch.dtype) -> torch.Tensor:
+    """(g, 1, T, max(starts) + T) additive mask for right-padded prompts after per-row prefixes of
+    ``starts[b]`` columns: query i of row b sees its prefix and its prompt's keys j <= i, j < lengths[b]."""
+    columns = int(starts.max()) + tokens
+    c = torch.arange(columns, device=lengths.device).view(1, 1, columns)
+    i = torch.arange(tokens, device=lengths.device).view(1, tokens, 1)
+    s = starts.view(-1, 1, 1)
+    visible = (c < s) | ((c - s <= i) & (c - s < lengths.view(-1, 1, 1)))
+    return _additive(visible, dtype).unsqueeze(1)
 
 
 def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
