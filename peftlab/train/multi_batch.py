@@ -1,10 +1,15 @@
 """Joint batches of a multi-adapter run: one micro-batch of each adapter's own data (each padded to
-its own longest row by its loader), cut into forward passes of at most ``max_rows`` rows, each pass
-re-padded to its longest part and stacked, with the adapter of every row.
+its own longest row by its loader), run as one forward pass, or cut into passes of at most
+``max_rows`` rows; a pass stacks its parts re-padded to the pass's longest row, with the adapter of
+every row.
 
-Padding goes on the tokenizer's side with its pad id (masks and token types with 0), so a row's real
-tokens keep their positions and the attention mask hides the extra pads: each row gives what it
-gives in its own, shorter batch (up to float rounding).
+With ``max_rows``, the rows of every adapter are first ordered by length, so that short rows share
+passes with short rows whatever their adapter and a pass pads little: one pass over tasks of very
+different lengths (SST-2 sentences and RTE pairs) pads every row to the longest one.
+
+Padding goes on the tokenizer's side with its pad id (masks and token types with 0), and columns that
+hold only padding are cut, so a row's real tokens keep their positions and the attention mask hides
+the pads: each row gives what it gives in its own batch (up to float rounding).
 """
 
 from __future__ import annotations
@@ -37,44 +42,63 @@ def _rows(batch: Batch) -> int:
     return int(batch["input_ids"].shape[0])
 
 
-def _slice(batch: Batch, begin: int, end: int) -> Batch:
-    return {k: v[begin:end] for k, v in batch.items()}
+def row_lengths(batch: Batch) -> torch.Tensor:
+    """Real tokens per row: the attention mask's sum, else the full width."""
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        return mask.sum(dim=1)
+    return torch.full((_rows(batch),), batch["input_ids"].shape[1], dtype=torch.long)
+
+
+def _pick(batch: Batch, index: list[int]) -> Batch:
+    rows = torch.tensor(index, dtype=torch.long, device=batch["input_ids"].device)
+    return {k: v.index_select(0, rows) for k, v in batch.items()}
 
 
 def split_passes(micro: Sequence[tuple[int, Batch]], max_rows: int | None) -> list[list[Part]]:
-    """The forward passes of one joint micro-step: ``micro`` holds ``(lane, micro-batch)`` pairs in
-    order; their rows are taken in that order, at most ``max_rows`` per pass (None: one pass), a
-    lane's micro-batch split across passes where it must."""
-    if max_rows is not None and max_rows < 1:
+    """The forward passes of one joint micro-step; ``micro`` holds ``(lane, micro-batch)`` pairs.
+
+    ``max_rows`` None: one pass, every micro-batch whole, in order. Otherwise the rows of every lane
+    are ordered by length (longest first; ties in lane and row order) and cut into passes of at most
+    ``max_rows`` rows; within a pass the rows are grouped by lane, in lane order."""
+    if max_rows is None:
+        parts, start = [], 0
+        for lane, batch in micro:
+            parts.append(Part(lane, batch, start, _rows(batch), _rows(batch)))
+            start += _rows(batch)
+        return [parts]
+    if max_rows < 1:
         raise ValueError(f"max_rows must be >= 1 or None, got {max_rows}")
-    passes: list[list[Part]] = [[]]
-    used = 0
-    for lane, batch in micro:
-        total = _rows(batch)
-        taken = 0
-        while taken < total:
-            room = total - taken if max_rows is None else min(total - taken, max_rows - used)
-            if room == 0:
-                passes.append([])
-                used = 0
-                continue
-            passes[-1].append(Part(lane, _slice(batch, taken, taken + room), used, room, total))
-            taken += room
-            used += room
-    return [p for p in passes if p]
+    order = sorted(((-int(n), k, i) for k, (_, batch) in enumerate(micro) for i, n in enumerate(row_lengths(batch))))
+    passes = []
+    for first in range(0, len(order), max_rows):
+        chosen = order[first:first + max_rows]
+        parts, start = [], 0
+        for k, (lane, batch) in enumerate(micro):
+            index = sorted(i for _, kk, i in chosen if kk == k)
+            if index:
+                parts.append(Part(lane, _pick(batch, index), start, len(index), _rows(batch)))
+                start += len(index)
+        passes.append(parts)
+    return passes
 
 
-def _pad_columns(t: torch.Tensor, length: int, value: int, left: bool) -> torch.Tensor:
+def _fit_columns(t: torch.Tensor, length: int, value: int, left: bool) -> torch.Tensor:
+    """``t`` with ``length`` columns: padded with ``value``, or with its extra (padding) columns cut,
+    on the left or the right."""
     extra = length - t.shape[1]
     if extra == 0:
         return t
+    if extra < 0:
+        return t[:, -length:] if left else t[:, :length]
     return functional.pad(t, (extra, 0) if left else (0, extra), value=value)
 
 
 def join_inputs(parts: Sequence[Part], pad_token_id: int, padding_side: str) -> Batch:
     """The model inputs of one forward pass: every part's ``input_ids``, ``attention_mask`` and
-    ``token_type_ids`` padded to the longest part (``input_ids`` with ``pad_token_id``, the others
-    with 0) on ``padding_side`` and stacked in order. The parts must carry the same input keys."""
+    ``token_type_ids`` fitted to the pass's longest row (padded with ``pad_token_id`` / 0, or cut
+    where a column holds only padding) on ``padding_side`` and stacked in order. The parts must
+    carry the same input keys."""
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
     keys = [k for k in MODEL_KEYS if k in parts[0].batch]
@@ -83,7 +107,7 @@ def join_inputs(parts: Sequence[Part], pad_token_id: int, padding_side: str) -> 
         if theirs != keys:
             raise ValueError(f"the adapters' batches carry different inputs ({', '.join(keys)} against "
                              f"{', '.join(theirs)}); a joint batch needs one tokenizer for every adapter")
-    length = max(int(p.batch["input_ids"].shape[1]) for p in parts)
+    length = max(int(row_lengths(p.batch).max()) for p in parts)
     left = padding_side == "left"
-    return {k: torch.cat([_pad_columns(p.batch[k], length, pad_token_id if k == "input_ids" else 0, left)
+    return {k: torch.cat([_fit_columns(p.batch[k], length, pad_token_id if k == "input_ids" else 0, left)
                           for p in parts]) for k in keys}

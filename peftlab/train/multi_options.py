@@ -38,8 +38,10 @@ NOT_JOINT = {
 def add_multi_arguments(train: argparse.ArgumentParser) -> None:
     """The options of a joint run (and ``--no-dropout``, which single runs honour too)."""
     train.add_argument("--max-rows-per-forward", type=int, metavar="N",
-                       help="several adapters: at most N rows in one forward pass of a joint step (default: every "
-                            "adapter's micro-batch in one pass; a cap keeps activation memory near one run's)")
+                       help="several adapters: at most N rows in one forward pass of a joint step, the rows of every "
+                            "adapter ordered by length so that a pass pads little (default: every adapter's "
+                            "micro-batch in one pass, padded to the longest row of all); N = one adapter's batch "
+                            "keeps activation memory near one run's")
     train.add_argument("--no-dropout", action="store_true",
                        help="turn the model's dropout off (a joint run then trains each adapter exactly as a run of "
                             "its own would)")
