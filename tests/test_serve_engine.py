@@ -233,3 +233,20 @@ def test_prompts_are_prefilled_in_groups_of_similar_length(tiny_dirs):
     while not all(h.done for h in handles):
         engine._step()
     engine.close()
+
+
+def test_an_adapter_built_while_another_is_merged_sees_the_original_weights(tiny_dirs):
+    """PiSSA's residual is computed from the base weights when the adapter is built: loading it
+    while another adapter is merged (dLoRA) must not see the merged weights."""
+    policy = MergePolicy(merge_share=0.5, unmerge_share=0.5, min_requests=1)
+    engine = Engine(tiny_model("llama", "causal-lm"), CharTokenizer(), allowed_roots=[str(tiny_dirs)], merge_policy=policy)
+    engine.load_adapter("r2", tiny_dirs / "r2")
+    engine.generate(GenerationRequest(PROMPTS[0], adapter="r2", max_tokens=3))
+    assert engine.bank.merged is not None  # r2 merged while its request ran, not yet unmerged
+    engine.load_adapter("pissa", tiny_dirs / "pissa")
+    got = engine.generate(GenerationRequest(PROMPTS[1], adapter="pissa", max_tokens=12)).token_ids
+    ref = peftlab.load(tiny_model("llama", "causal-lm"), tiny_dirs / "pissa").eval()
+    want = ref.generate(input_ids=torch.tensor([PROMPTS[1]]), max_new_tokens=12, do_sample=False, eos_token_id=2,
+                        pad_token_id=0)[0, len(PROMPTS[1]):].tolist()
+    assert got == until_eos(want)
+    engine.close()

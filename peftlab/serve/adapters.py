@@ -22,13 +22,14 @@ which the engine attaches to its ``PeftModel`` and routes per row.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 from torch import nn
@@ -139,10 +140,13 @@ def check_safetensors_header(path: Path, size: int) -> None:
             raise InvalidAdapterError(f"{path} is not a valid safetensors file (tensor {key!r} lies outside the file)")
 
 
-def read_adapter_dir(real: Path, model: nn.Module) -> ReadAdapter:
+def read_adapter_dir(real: Path, model: nn.Module,
+                     base_access: Callable[[], ContextManager] = contextlib.nullcontext) -> ReadAdapter:
     """Read a checked directory (:func:`resolve_adapter_dir`) with the library's code and build it
     for ``model``; :class:`InvalidAdapterError` for a bad config, another base, or a method the engine
-    cannot batch (prefix and prompt methods rewrite the model call)."""
+    cannot batch (prompt methods rewrite the model's inputs). Building reads the base model (PiSSA's
+    residual, a prefix's token init): it runs inside ``base_access()``, which the engine makes a
+    moment between two steps with the original (unmerged) weights; the files are read before."""
     try:
         cfg, tensors = io.read_adapter(real)
     except io.AdapterFileError as e:
@@ -162,7 +166,8 @@ def read_adapter_dir(real: Path, model: nn.Module) -> ReadAdapter:
     if signature in templates:  # a config seen before: its keys, shapes and scalings are known
         return ReadAdapter(cfg, templates[signature].factors(tensors, str(real)), None, nbytes)
     try:
-        placement = build_placement(model, cfg)
+        with base_access():
+            placement = build_placement(model, cfg)
         io.load_into_placement(placement, tensors, cfg, where=str(real))
     except io.AdapterFileError as e:
         raise InvalidAdapterError(str(e)) from None

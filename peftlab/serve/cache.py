@@ -15,6 +15,7 @@ its device slot is freed once none does. Only the engine's decode thread changes
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import queue
 import threading
@@ -23,7 +24,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ContextManager
 
 import torch
 from torch import nn
@@ -78,13 +79,14 @@ class AdapterCache:
 
     def __init__(self, model: nn.Module, pm: PeftModel, bank: AdapterBank, *, device_adapters: int,
                  host_budget_bytes: int, allowed_roots: Sequence[str] | None, max_adapter_bytes: int,
-                 on_ready: Callable[[], None]):
+                 on_ready: Callable[[], None], base_access: Callable[[], ContextManager] = contextlib.nullcontext):
         self.model, self.pm, self.bank = model, pm, bank
         self.device_adapters = device_adapters
         self.host_budget_bytes = host_budget_bytes
         self.allowed_roots = None if allowed_roots is None else [str(r) for r in allowed_roots]
         self.max_adapter_bytes = max_adapter_bytes
         self.on_ready = on_ready
+        self.base_access = base_access  # a moment with the base model's own weights (read_adapter_dir)
         self.lock = threading.RLock()
         self.registry: dict[str, AdapterEntry] = {}
         self._host: OrderedDict[int, AdapterEntry] = OrderedDict()  # id -> entry, least recent first
@@ -103,7 +105,7 @@ class AdapterCache:
         """Check and read an adapter directory and register it under ``name`` (replacing an earlier
         registration of that name); it lands on the host tier."""
         real = resolve_adapter_dir(path, self.allowed_roots, self.max_adapter_bytes)
-        read = read_adapter_dir(real, self.model)
+        read = read_adapter_dir(real, self.model, self.base_access)
         entry = AdapterEntry(name, real, next(self._serial), read.kind, read.nbytes)
         if read.prefix is not None:
             entry.prefix_length = int(read.prefix[0][0].shape[1])
@@ -184,7 +186,7 @@ class AdapterCache:
                 return
             try:
                 real = resolve_adapter_dir(entry.path, self.allowed_roots, self.max_adapter_bytes)
-                read = read_adapter_dir(real, self.model)
+                read = read_adapter_dir(real, self.model, self.base_access)
                 host = self._host_copy(read)
                 with self.lock:
                     entry.host = host

@@ -24,11 +24,13 @@ up to float rounding of the batched matmuls.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -129,7 +131,8 @@ class Engine:
         self._wake = threading.Condition()
         self.adapters = AdapterCache(model, self.pm, self.bank, device_adapters=device_adapters,
                                      host_budget_bytes=host_budget_bytes, allowed_roots=allowed_roots,
-                                     max_adapter_bytes=max_adapter_bytes, on_ready=self._notify)
+                                     max_adapter_bytes=max_adapter_bytes, on_ready=self._notify,
+                                     base_access=self._between_steps_unmerged)
         self.queue = RequestQueue(max_queue, default_slack_s)
         self.kv = SlotCache(self.device)
         self.rows: list[_Row] = []
@@ -283,6 +286,16 @@ class Engine:
     def adapter_names(self) -> list[str]:
         """The registered adapters' names."""
         return self.adapters.names()
+
+    @contextlib.contextmanager
+    def _between_steps_unmerged(self) -> Iterator[None]:
+        """Hold the decode loop between two steps, with the base weights unmerged (the merge policy
+        merges again at the next step if it still should)."""
+        with self._step_lock:
+            if self.bank.merged is not None:
+                self.bank.unmerge()
+                self._counters["unmerges"] += 1
+            yield
 
     # -- the decode loop -------------------------------------------------------------------------------
     def _notify(self) -> None:
@@ -535,6 +548,9 @@ class Engine:
         counts: dict[Any, int] = {}
         for entry in [r.item.entry for r in self.rows] + [w.entry for w in self.queue.snapshot()]:
             counts[entry] = counts.get(entry, 0) + 1
+        if any(e is not None and e.kind == "routed" for e in counts):
+            # Routed deltas may read the base weights in their forward (DoRA's norm): never merged under them.
+            counts = {}
         mergeable = {e for e in counts if e is not None and e.slot is not None}
         merged_entry = next((e for e in counts if e is not None and e.slot is not None and e.slot == self.bank.merged), None)
         target = self.policy.decide(counts, merged_entry, mergeable)
