@@ -198,3 +198,14 @@ def test_loading_and_unloading_while_requests_are_in_flight(dirs):
     engine.adapters.maintain()
     assert all(e.name != "x" for e in engine.adapters._device.values())  # gone from the device once done
     engine.close()
+
+
+def test_the_engine_refuses_what_it_cannot_serve():
+    import peftlab
+
+    with pytest.raises(TypeError, match="not a PeftModel"):
+        Engine(peftlab.apply(tiny_model("llama", "causal-lm"), "ia3"), CharTokenizer())
+    with pytest.raises(TypeError, match="output head"):
+        Engine(tiny_model("bert"), CharTokenizer())
+    with pytest.raises(ValueError, match="max_batch"):
+        Engine(tiny_model("llama", "causal-lm"), CharTokenizer(), max_batch=0)

@@ -109,6 +109,10 @@ class Engine:
                            ("prefill_tokens", prefill_tokens)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"Engine: {arg} must be an integer >= 1, got {value!r}")
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if head is None:
+            raise TypeError(f"Engine needs a causal language model with an output head; {type(model).__name__} has "
+                            "none (load it for the causal-lm task, e.g. AutoModelForCausalLM)")
         if device is not None:
             model.to(device)
         self.model = model.eval()
@@ -117,7 +121,7 @@ class Engine:
         config = getattr(model, "config", None)
         self.max_context = int(max_context or getattr(config, "max_position_embeddings", None) or 2048)
         self.base_name = _base_name(model)
-        self.vocab_size = int(getattr(config, "vocab_size", 0) or model.get_output_embeddings().weight.shape[0])
+        self.vocab_size = int(getattr(config, "vocab_size", 0) or head.weight.shape[0])
         self.max_batch, self.prefill_tokens = max_batch, prefill_tokens
         self._dtype = model_dtype(model, next(model.parameters()))
         self._cache_arg = cache_argument(model)
@@ -136,7 +140,6 @@ class Engine:
         self.queue = RequestQueue(max_queue, default_slack_s)
         self.kv = SlotCache(self.device)
         self.rows: list[_Row] = []
-        head = model.get_output_embeddings()
         self._head_hook = head.register_forward_pre_hook(_keep_last_positions, prepend=True)
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
