@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import peftlab
+from conftest import one_thread, randomize_adapter
 from peftlab.cli import main
 from peftlab.train.data import load_file, load_task, make_loader
 from peftlab.train.evaluation import evaluate_model
@@ -23,6 +24,7 @@ from peftlab.train.offsite.plug import PlugError, changed_tensors, plug_into
 from peftlab.train.offsite.stack import block_stack, cut_emulator
 from peftlab.zoo import tiny_model
 
+_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 STACK = "bert.encoder.layer"
 TRAIN = ["--text-cols", "text", "--label-col", "label", "--max-steps", "16", "--batch-size", "16",
          "--max-length", "16", "--lr", "1e-3", "--no-progress"]
@@ -52,6 +54,14 @@ def _six_layer_llama() -> torch.nn.Module:
     base.config.num_hidden_layers = 6
     torch.manual_seed(0)
     return type(base)(base.config).eval()
+
+
+def _save_trained_adapter(model: torch.nn.Module, method: str, path: Path) -> None:
+    """Save an adapter of ``method`` on ``model`` moved away from its init (as training would), then unload it."""
+    pm = peftlab.apply(model, method)
+    randomize_adapter(pm, std=0.05)
+    pm.save(path)
+    pm.unload()
 
 
 # -- the plan --------------------------------------------------------------------------------------
@@ -185,12 +195,7 @@ def test_plug_refuses_an_adapter_that_changed_a_compressed_middle_block(tmp_path
     full = _six_layer_llama()
     plan = plan_emulator(6, 1, 1, emulator_layers=2)
     emulator = cut_emulator(full, plan)
-    pm = peftlab.apply(emulator, "lora[r=2,targets=q_proj]")
-    with torch.no_grad():
-        for p in pm.adapter_modules["default"].parameters():
-            p.add_(0.1)
-    pm.save(tmp_path / "adapter")
-    pm.unload()
+    _save_trained_adapter(emulator, "lora[r=2,targets=q_proj]", tmp_path / "adapter")
     with pytest.raises(PlugError, match=r"emulator block 1: a compressed middle block \(the adapter blocks are \[0, 3\]\)"):
         plug_into(full, emulator, tmp_path / "adapter", plan)
     assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), _six_layer_llama().state_dict().values()))
@@ -200,13 +205,8 @@ def test_plug_maps_a_lora_on_the_adapter_blocks_of_a_decoder(tmp_path: Path) -> 
     full = _six_layer_llama()
     plan = plan_emulator(6, 1, 2, emulator_layers=1)  # emulator blocks 0 | 1 | 2, 3 = full 0 | 1 | 4, 5
     emulator = cut_emulator(full, plan)
-    pm = peftlab.apply(emulator, "lora[r=2,targets=q_proj|v_proj,layers=0|2|3]")
-    with torch.no_grad():
-        for p in pm.adapter_modules["default"].parameters():
-            p.add_(0.05)
-    pm.save(tmp_path / "adapter")
+    _save_trained_adapter(emulator, "lora[r=2,targets=q_proj|v_proj,layers=0|2|3]", tmp_path / "adapter")
     ids = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(1))
-    pm.unload()
     mapping = plug_into(full, cut_emulator(full, plan), tmp_path / "adapter", plan)
     assert sorted(mapping.values()) == sorted(f"model.layers.{i}.self_attn.{m}_proj.weight"
                                               for i in (0, 4, 5) for m in "qv")

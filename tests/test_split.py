@@ -5,9 +5,6 @@ as the server sees it, and what cannot be split is refused in one line."""
 from __future__ import annotations
 
 import json
-import re
-import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
@@ -16,12 +13,15 @@ import torch
 from safetensors.torch import load_file
 
 import peftlab
+from conftest import one_thread
 from peftlab.cli import main
 from peftlab.train.split.backbone import SplitError
 from peftlab.train.split.client import SplitModel
 from peftlab.train.split.connection import SplitConnection
+from peftlab.train.split.process import server_process
 from tiny_dirs import tiny_model_dir
 
+_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 #: Every kind of site: LoRA (parallel, y not sent), IA3 on keys (output, reads y), IA3 on the FFN's
 #: second projection (input site) and the classifier head copy (output, replaced).
 METHOD = "lora[r=4,targets=query|value]+ia3[targets=key|layer.0.output.dense,feedforward=layer.0.output.dense]"
@@ -38,16 +38,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(model_dir: Path):
     """``peftlab split serve`` in its own process, on a free port."""
-    proc = subprocess.Popen([sys.executable, "-m", "peftlab", "split", "serve", "--model", str(model_dir),
-                             "--port", "0", "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()  # printed once the server listens
-    found = re.search(r"listening on http://([\d.]+):(\d+)", line)
-    if found is None:
-        proc.kill()
-        raise AssertionError(f"server did not start: {line!r} {proc.stderr.read()[-2000:]}")
-    yield f"{found.group(1)}:{found.group(2)}"
-    proc.terminate()
-    proc.wait(timeout=30)
+    with server_process(str(model_dir), threads=1) as address:
+        yield address
 
 
 def _health(address: str) -> dict:
@@ -57,7 +49,8 @@ def _health(address: str) -> dict:
 
 def test_split_training_equals_local_training(server: str, model_dir: Path, tmp_path: Path) -> None:
     before = _health(server)
-    assert main(["split", "train", "--server", server, "--model", str(model_dir), *RUN, "--out", str(tmp_path / "split")]) == 0
+    split_run = ["split", "train", "--server", server, "--model", str(model_dir), *RUN, "--out", str(tmp_path / "split")]
+    assert main(split_run) == 0
     after = _health(server)
     assert main(["train", "--model", str(model_dir), *RUN, "--out", str(tmp_path / "local")]) == 0
     split = load_file(str(tmp_path / "split" / "adapter_model.safetensors"))

@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import peftlab
-from peftlab.train.cli import CliError, DefaultsHelpFormatter, user_errors
+from peftlab.train.cli import CliError, user_errors
 from peftlab.train.offsite.distill import distill_texts
 from peftlab.train.offsite.emulate import build_emulator, read_manifest, save_emulator
 from peftlab.train.offsite.plan import EmulatorPlan, PlanError, plan_emulator
 from peftlab.train.offsite.plug import PlugError, plug_into
 from peftlab.train.offsite.stack import block_stack
 from peftlab.train.report import REPORT_FILE, format_table, versions
+from peftlab.train.subcommands import subcommand_parser
 
 PLUG_MANIFEST = "offsite_plug.json"
 EMULATE_HELP = "cut a lossy emulator (bottom/top blocks kept as the adapter, middle blocks dropped uniformly)"
@@ -33,11 +34,10 @@ PLUG_HELP = "put the adapter blocks trained on an emulator back into the full mo
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``peftlab offsite`` parser: subcommands ``emulate`` and ``plug``."""
-    parser = argparse.ArgumentParser(prog="peftlab offsite", formatter_class=DefaultsHelpFormatter,
-                                     description="Offsite-Tuning (Xiao et al. 2023): the data owner trains the adapter "
-                                                 "blocks on a lossy emulator, never seeing the full model.")
-    sub = parser.add_subparsers(dest="action", required=True, metavar="{emulate,plug}")
-    emulate = sub.add_parser("emulate", help=EMULATE_HELP, description=EMULATE_HELP, formatter_class=DefaultsHelpFormatter)
+    parser, commands = subcommand_parser(
+        "peftlab offsite", "Offsite-Tuning (Xiao et al. 2023): the data owner trains the adapter blocks on a lossy "
+        "emulator, never seeing the full model.", {"emulate": EMULATE_HELP, "plug": PLUG_HELP})
+    emulate, plug = commands["emulate"], commands["plug"]
     emulate.add_argument("--model", required=True, help="zoo name (minilm, smollm2) or a Hugging Face model directory")
     emulate.add_argument("--task", default="base", help="how to load --model (base: the encoder, or a decoder's LM)")
     emulate.add_argument("--keep-bottom", type=int, required=True, help="bottom blocks kept as the adapter")
@@ -55,7 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
     emulate.add_argument("--seed", type=int, default=0, help="seed of the text sample and order")
     emulate.add_argument("--out", required=True, help="emulator directory (a Hugging Face model directory)")
     emulate.add_argument("--no-progress", action="store_true", help="no progress bar")
-    plug = sub.add_parser("plug", help=PLUG_HELP, description=PLUG_HELP, formatter_class=DefaultsHelpFormatter)
     plug.add_argument("--model", required=True, help="the full model the emulator was cut from")
     plug.add_argument("--adapter", required=True, help="adapter directory trained on the emulator (peftlab train --out)")
     plug.add_argument("--emulator", help="the emulator directory (default: the --model of the adapter's training report)")

@@ -74,7 +74,7 @@ class EmulatorPlan:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON (``from_dict`` reads it back)."""
         return {**asdict(self), "middle": list(self.middle), "kept": self.kept,
-                "adapter_blocks": self.adapter_blocks}
+                "emulator_layers": self.emulator_layers, "adapter_blocks": self.adapter_blocks}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EmulatorPlan:

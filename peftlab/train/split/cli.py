@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import peftlab
-from peftlab.train.cli import DefaultsHelpFormatter, check_device, method_default_lr, user_errors
+from peftlab.train.cli import check_device, method_default_lr, user_errors
 from peftlab.train.data import head_module_names, load_task, make_loader
 from peftlab.train.evaluation import evaluate_model
 from peftlab.train.report import format_bytes, format_table, versions, write_report
@@ -24,6 +24,7 @@ from peftlab.train.split.backbone import SplitError
 from peftlab.train.split.client import SplitModel, check_method
 from peftlab.train.split.connection import SplitConnection, Traffic
 from peftlab.train.split.server import serve
+from peftlab.train.subcommands import subcommand_parser
 from peftlab.train.trainer import Trainer
 from peftlab.zoo.seeding import seeded
 
@@ -33,11 +34,10 @@ TRAIN_HELP = "train an adapter here while the frozen model runs on a split serve
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``peftlab split`` parser: subcommands ``serve`` and ``train``."""
-    parser = argparse.ArgumentParser(prog="peftlab split", formatter_class=DefaultsHelpFormatter,
-                                     description="Split training (DLoRA): the frozen model in one process, the data "
-                                                 "and the trainable PEFT modules in another, over HTTP.")
-    sub = parser.add_subparsers(dest="action", required=True, metavar="{serve,train}")
-    srv = sub.add_parser("serve", help=SERVE_HELP, description=SERVE_HELP, formatter_class=DefaultsHelpFormatter)
+    parser, commands = subcommand_parser(
+        "peftlab split", "Split training (DLoRA): the frozen model in one process, the data and the trainable PEFT "
+        "modules in another, over HTTP.", {"serve": SERVE_HELP, "train": TRAIN_HELP})
+    srv, train = commands["serve"], commands["train"]
     srv.add_argument("--model", required=True, help="zoo name (minilm, smollm2) or a Hugging Face model directory")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on")
     srv.add_argument("--port", type=int, default=8790, help="port to listen on (0: any free port, printed)")
@@ -45,7 +45,6 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--preload", choices=("classification", "regression"),
                      help="load the model for this task before listening (else at the first client)")
     srv.add_argument("--num-labels", type=int, help="classes for --preload classification (default 2)")
-    train = sub.add_parser("train", help=TRAIN_HELP, description=TRAIN_HELP, formatter_class=DefaultsHelpFormatter)
     train.add_argument("--server", required=True, help="HOST:PORT of peftlab split serve")
     train.add_argument("--model", default="minilm", help="the server's model (the client places the adapter on its copy)")
     train.add_argument("--task", required=True, help="registered classification or regression task, e.g. glue_sst2")
@@ -112,7 +111,8 @@ def run_split_train(args: argparse.Namespace, argv: Sequence[str] | None = None)
     metric = train_ex.metrics[0]
     per_step = traffic_per_step(net.train_traffic, result["steps"])
     report = {
-        "mode": "split", "server": args.server, "server_model": server.get("model"), "model": args.model, "task": train_ex.task, "method": args.method,
+        "mode": "split", "server": args.server, "server_model": server.get("model"), "model": args.model,
+        "task": train_ex.task, "method": args.method,
         "session": net.session, "adapted_modules": len(net.plans),
         "metric_names": list(train_ex.metrics), "metric": metric, "metric_before": before.get(metric),
         "metric_after": (result["eval"] or {}).get(metric), "metrics_before": before, "metrics_after": result["eval"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,13 +44,22 @@ def parse_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
+class _NoDelayConnection(http.client.HTTPConnection):
+    """An HTTP connection with Nagle's algorithm off: a message's last small segment is not held back
+    waiting for the server's (delayed) acknowledgement of the previous ones."""
+
+    def connect(self) -> None:
+        super().connect()
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 class SplitConnection:
     """One keep-alive HTTP connection; :meth:`post` sends a message and returns the reply message."""
 
     def __init__(self, address: str, timeout: float = 900.0):
         self.address = address
         self.host, self.port = parse_address(address)
-        self.conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        self.conn = _NoDelayConnection(self.host, self.port, timeout=timeout)
         self.traffic = Traffic()
 
     def post(self, path: str, header: dict[str, Any], tensors: Tensors | None = None) -> tuple[dict[str, Any], Tensors]:

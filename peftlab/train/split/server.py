@@ -100,6 +100,9 @@ class SplitServer(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: one connection per client
+    # Headers and body go out in two writes: with Nagle's algorithm, the client's delayed ACK of the
+    # first would hold the second back (~40 ms a reply).
+    disable_nagle_algorithm = True
     server: SplitServer
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet
