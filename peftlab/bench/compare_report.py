@@ -60,14 +60,17 @@ def compare_section(records: list[Record]) -> str:
     parts = [
         "\n## Training step: peftlab vs Hugging Face PEFT (`--compare-peft`)\n",
         f"Each method's default config (task head in `modules_to_save`) in one process with PEFT's twin (our "
-        f"adapter loaded by `PeftModel.from_pretrained`, same weights), on the first batch of "
+        f"adapter saved in PEFT's format, rebuilt by `peft.get_peft_model` and loaded with our tensors), on the "
+        f"first batch of "
         f"`{first['task']}` (shape {first.get('batch_shape', '?')}), AdamW at the method's default lr; median of "
         f"{first.get('repeats', '?')} timed steps per library, ours and PEFT's alternating after one untimed "
         f"round; peak = the larger of two steps per library (the first creates the optimizer state), above the "
         f"memory in use before the step; PEFT version {first.get('peft_version', '?')}. ratio = ours / PEFT "
         f"(below 1: ours faster). Verdict: time no worse than PEFT within {TIME_TOL:.0%} on wall or CPU time, "
         f"peak within {MEM_TOL:.0%} + {MEM_ABS_MB:.0f} MB. logits diff: the largest |our logit − PEFT's| on "
-        f"the batch before training, eval mode (both compute the same model).",
+        f"the batch before training, eval mode: 0 where both hold the same weights (P-tuning's file holds the "
+        f"computed prompt, as PEFT's own does, so PEFT's encoder starts from its own init: same shapes, other "
+        f"values).",
     ]
     for model in dict.fromkeys(r["model"] for r in mine):
         parts += [f"\n### {model}\n", compare_table(records, model)]

@@ -219,6 +219,8 @@ def render(records: list[Record], meta: dict[str, Any], plots: list[str]) -> str
         f"versions {', '.join(f'{k} {v}' for k, v in (meta.get('versions') or {}).items())}; written "
         f"{meta.get('written', '')}.",
     ]
+    if not records:  # --compare-only: the comparison's section follows
+        return "\n".join(parts[:-1]) + "\n"
     for model in grid.models:
         parts += [f"\n## {model}: metrics after training (x 100; Table III's shape)\n", table_iii(grid, model)]
     for model in [m for m in grid.models if "smollm2" in m.lower()]:
