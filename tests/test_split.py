@@ -92,3 +92,21 @@ def test_split_train_errors_are_one_line(args: list[str], says: str, model_dir: 
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("peftlab: error: ") and says in err and err.count("\n") == 1
+
+
+def test_bench_split_writes_json_table_and_plot(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    methods = ["lora[r=4,targets=query|value]", "ia3"]
+    argv = ["bench", "split", "--model", str(model_dir), "--steps", "2", "--batch-size", "4", "--max-length", "8",
+            "--out", str(tmp_path), *[a for m in methods for a in ("--method", m)]]
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert [r["method"] for r in result["rows"]] == methods
+    for row in result["rows"]:
+        split = row["split"]
+        assert split["requests_per_step"] == 2 * (1 + split["adapted_modules"])
+        assert split["bytes_sent_per_step"] > 0 and split["bytes_received_per_step"] > 0
+        assert len(row["local"]["loss_curve"]) == len(split["loss_curve"]) == 2
+        assert row["split_vs_local_time"] == pytest.approx(split["time_per_step_s"] / row["local"]["time_per_step_s"])
+    table = capsys.readouterr().out
+    assert all(m in table for m in methods) and "requests/step" in table
+    assert (tmp_path / "split.png").stat().st_size > 0
