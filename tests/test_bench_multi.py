@@ -28,7 +28,9 @@ def test_bench_multi_runs_every_configuration(tiny_run_args: list[str], tmp_path
     assert all(r["wall_s"] > 0 and r["cpu_s"] > 0 and r["peak_rss_bytes"] > 50 * 2**20 for r in seq["runs"])
     assert seq["wall_s"] == pytest.approx(sum(r["wall_s"] for r in seq["runs"]))
     assert seq["peak_rss_bytes"] == max(r["peak_rss_bytes"] for r in seq["runs"])
-    assert joint["forward_passes"] == 2 and [a["task"] for a in joint["adapters"]] == ["glue_sst2", "glue_stsb"]
+    # peftlab train's default: passes of one adapter batch (4 rows), 2 per joint micro-step.
+    assert (joint["max_rows"], joint["forward_passes"]) == (4, 4)
+    assert [a["task"] for a in joint["adapters"]] == ["glue_sst2", "glue_stsb"]
     assert [a["metric"] for a in joint["adapters"]] == ["accuracy", "pearson"]
     summary = result["summary"]["configurations"]
     assert summary["joint"]["wall_vs_sequential"] == pytest.approx(joint["wall_s"] / seq["wall_s"])

@@ -54,6 +54,8 @@ def test_adapters_list_in_run_config(tiny_run_args: list[str], regression_file: 
     assert "2 adapters over one" in printed and "pos" in printed and "score" in printed
     joint = json.loads((out / "report.json").read_text())
     assert list(joint["adapters"]) == ["pos", "score"] and joint["dropout"] == "off"
+    # Passes of at most the largest batch (8): steps 1-2 hold 8 + 4 rows (2 passes), step 3 only 4.
+    assert (joint["max_rows"], joint["micro_steps"], joint["forward_passes"]) == (8, 3, 5)
     assert (out / "loss_curves.png").stat().st_size > 1000
     pos, score = (json.loads((out / n / "report.json").read_text()) for n in ("pos", "score"))
     assert (pos["kind"], pos["steps"], pos["batch_size"], pos["lr"]) == ("classification", 2, 8, 0.01)
@@ -115,7 +117,7 @@ SST2 = ["--task", "sst2"]
     ([*SST2, "--method", "prefix[length=4]", "--method", "prompt[length=4]"], "different model-level methods"),
     ([*SST2, "--method", "lora", "--method", "unipelt"], "does not batch per row"),
     ([*SST2, "--method", "lora", "--method", "ia3", "--max-rows-per-forward", "0"],
-     "--max-rows-per-forward must be >= 1"),
+     "--max-rows-per-forward must be a number of rows >= 1 or all, got '0'"),
 ])
 def test_refused_before_loading_anything(extra: list[str], says: str, tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:

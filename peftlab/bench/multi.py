@@ -4,10 +4,11 @@ Every configuration is real ``peftlab train`` commands in fresh processes, with 
 settings (method, batch, steps, length, data, seed):
 
 * ``sequential``: one ``peftlab train --method M --task T`` per task, one after another;
-* ``joint``: one ``peftlab train`` with every ``--task`` (one adapter each), each joint micro-step one
-  forward pass over every adapter's micro-batch;
-* ``joint, passes of B rows``: the same with ``--max-rows-per-forward B`` (B = the per-adapter
-  batch): rows of every adapter still share passes, but a pass is one run's size.
+* ``joint``: one ``peftlab train`` with every ``--task`` (one adapter each), as it runs by default:
+  each joint micro-step in forward passes of at most one adapter's batch, the rows of all adapters
+  ordered by length (rows of several adapters share a pass; a pass is one run's size);
+* ``one-pass``: the same with ``--max-rows-per-forward all``: every adapter's micro-batch in one
+  forward pass, padded to the longest row of all.
 
 Per process: wall time of the whole command (start-up, data, model, evaluations, training, saving),
 peak RSS of the process (the kernel's high-water mark, ``getrusage`` of the child), and from its
@@ -36,7 +37,7 @@ from peftlab.train.report import versions
 
 HELP = "several adapters in one joint peftlab train run against one run per adapter: wall time and peak memory"
 TARGET_WALL, TARGET_MEMORY = 0.8, 1.2
-VARIANTS = ("joint", "capped")
+VARIANTS = ("joint", "one-pass")
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -52,9 +53,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--eval-limit", type=int, default=128, help="eval examples per task")
     p.add_argument("--rounds", type=int, default=2, help="times each configuration runs, interleaved")
     p.add_argument("--threads", type=int, default=2, help="torch threads of every process")
-    p.add_argument("--variants", default="joint,capped",
-                   help="joint configurations beside sequential: joint (one pass per micro-step), capped "
-                        "(--max-rows-per-forward = --batch-size)")
+    p.add_argument("--variants", default="joint,one-pass",
+                   help="joint configurations beside sequential: joint (peftlab train's default: passes of one "
+                        "batch), one-pass (--max-rows-per-forward all)")
     p.add_argument("--out", default="runs/bench_multi.json", help="JSON results (the plot goes next to it, .png)")
     p.add_argument("--from-json", help="print (and plot) an earlier result, run nothing")
     p.add_argument("--no-plot", action="store_true", help="do not write the plot")
@@ -79,14 +80,14 @@ def run_measured(command: list[str], env: dict[str, str], log: Path) -> dict[str
     return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_bytes": usage.ru_maxrss * scale}
 
 
-def _train_command(args: argparse.Namespace, tasks: list[str], out: Path, max_rows: int | None) -> list[str]:
+def _train_command(args: argparse.Namespace, tasks: list[str], out: Path, rows: str | None) -> list[str]:
     command = [sys.executable, "-m", "peftlab", "train", "--model", args.model]
     for task in tasks:
         command += ["--task", task]
     command += ["--method", args.method, "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
                 "--max-length", str(args.max_length), "--train-limit", str(args.train_limit),
                 "--eval-limit", str(args.eval_limit), "--device", "cpu", "--no-progress", "--out", str(out)]
-    return command + (["--max-rows-per-forward", str(max_rows)] if max_rows else [])
+    return command + (["--max-rows-per-forward", rows] if rows else [])
 
 
 def _env(threads: int) -> dict[str, str]:
@@ -113,16 +114,17 @@ def run_sequential(args: argparse.Namespace, tasks: list[str], work: Path) -> di
             "peak_memory_bytes": max(r["peak_memory_bytes"] for r in runs)}
 
 
-def run_joint(args: argparse.Namespace, tasks: list[str], work: Path, max_rows: int | None) -> dict[str, Any]:
-    """One ``peftlab train`` with every task (``max_rows``: passes of at most that many rows)."""
-    name = "capped" if max_rows else "joint"
+def run_joint(args: argparse.Namespace, tasks: list[str], work: Path, name: str) -> dict[str, Any]:
+    """One ``peftlab train`` with every task: ``name`` ``joint`` as it runs by default, ``one-pass``
+    with ``--max-rows-per-forward all``."""
     out = work / name
-    measured = run_measured(_train_command(args, tasks, out, max_rows), _env(args.threads), work / f"{name}.log")
+    rows = "all" if name == "one-pass" else None
+    measured = run_measured(_train_command(args, tasks, out, rows), _env(args.threads), work / f"{name}.log")
     report = json.loads((out / "report.json").read_text())
     adapters = [{"task": a["task"], "metric": a["metric"], "metric_after": a["metric_after"],
                  "final_loss": a["loss_curve"][-1]} for a in report["adapters"].values()]
     return {**measured, "train_time_s": report["train_time_s"], "peak_memory_bytes": report["peak_memory_bytes"],
-            "forward_passes": report["forward_passes"], "adapters": adapters}
+            "forward_passes": report["forward_passes"], "max_rows": report["max_rows"], "adapters": adapters}
 
 
 def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -150,8 +152,8 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     return {"configurations": summary, "targets": targets}
 
 
-LABELS = {"sequential": "sequential (one run per adapter)", "joint": "joint (one pass per micro-step)",
-          "capped": "joint (passes of one batch)"}
+LABELS = {"sequential": "sequential (one run per adapter)", "joint": "joint (default: passes of one batch)",
+          "one-pass": "joint, one pass per micro-step"}
 
 
 def render(result: dict[str, Any]) -> str:
@@ -236,7 +238,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if name == "sequential":
                     measured[name] = run_sequential(args, tasks, work)
                 else:
-                    measured[name] = run_joint(args, tasks, work, args.batch_size if name == "capped" else None)
+                    measured[name] = run_joint(args, tasks, work, name)
             rounds.append(measured)
     settings = {k: getattr(args, k) for k in ("model", "method", "steps", "batch_size", "max_length", "train_limit",
                                               "eval_limit", "rounds", "threads")}

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.core.config import parse_method_string
-from peftlab.train.cli import CliError, _load_data, check_device, method_default_lr, user_errors
-from peftlab.train.multi_options import adapter_name, refuse_unsupported
+from peftlab.train.cli import _load_data, check_device, method_default_lr, user_errors
+from peftlab.train.multi_options import adapter_name, max_rows_for, refuse_unsupported, rows_option
 from peftlab.train.multi_setup import AdapterRun, check_shareable
 from peftlab.train.report import versions, write_report
 
@@ -48,24 +48,23 @@ def _runs(args: argparse.Namespace, entries: list[dict[str, Any]]) -> list[Adapt
 def run_multi(args: argparse.Namespace, entries: list[dict[str, Any]], argv: Sequence[str] | None = None) -> int:
     """``peftlab train`` with several adapters: train the adapters of ``entries`` (from
     :func:`requested_adapters`) jointly over one base, save each into ``OUT/<name>``, write the
-    joint ``OUT/report.json`` and print its table. Bad input is a :class:`CliError` before training."""
+    joint ``OUT/report.json`` and print its table. Bad input is a :class:`~peftlab.train.cli.CliError` before training."""
     from peftlab.train.multi_report import joint_table  # noqa: PLC0415
     from peftlab.train.multi_run import prepare_joint_run, train_jointly  # noqa: PLC0415
 
     started = time.perf_counter()
     with user_errors(ValueError, KeyError):  # before any data or model is loaded
         refuse_unsupported(args)
+        rows_option(args.max_rows_per_forward)
         check_shareable({f"#{i + 1}": entry["method"] for i, entry in enumerate(entries)})
-    if args.max_rows_per_forward is not None and args.max_rows_per_forward < 1:
-        raise CliError(f"--max-rows-per-forward must be >= 1, got {args.max_rows_per_forward}")
     out = Path(args.out)
     device = check_device(args.device)
     runs = _runs(args, entries)
     with user_errors(ValueError, KeyError, OSError, ImportError):  # model, heads, methods that do not apply
         joint = prepare_joint_run(args.model, runs, device, no_dropout=args.no_dropout,
                                   gradient_checkpointing=args.gradient_checkpointing)
-    report = train_jointly(joint, out, max_rows=args.max_rows_per_forward, progress=not args.no_progress,
-                           seed=args.seed)
+    max_rows = max_rows_for(args.max_rows_per_forward, [run.batch_size for run in runs])
+    report = train_jointly(joint, out, max_rows=max_rows, progress=not args.no_progress, seed=args.seed)
     report.update(total_time_s=time.perf_counter() - started, argv=list(sys.argv[1:] if argv is None else argv),
                   versions=versions())
     write_report(out, report)

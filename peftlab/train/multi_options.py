@@ -24,6 +24,8 @@ from peftlab.core.config import config_parts, parse_method_string
 from peftlab.train.runconfig import check_value, config_actions
 
 DEFAULT_METHOD = "lora[r=8]"
+#: ``--max-rows-per-forward all``: every adapter's micro-batch in one forward pass.
+ONE_PASS = "all"
 #: Options each adapter of a joint run may set for itself in the run config's ``adapters`` list.
 PER_ADAPTER = ("method", "task", "data", "eval_data", "text_cols", "label_col", "label_kind", "no_header", "metrics",
                "lr", "loraplus_ratio", "weight_decay", "warmup_ratio", "warmup_steps", "lr_scheduler", "batch_size",
@@ -37,14 +39,38 @@ NOT_JOINT = {
 
 def add_multi_arguments(train: argparse.ArgumentParser) -> None:
     """The options of a joint run (and ``--no-dropout``, which single runs honour too)."""
-    train.add_argument("--max-rows-per-forward", type=int, metavar="N",
-                       help="several adapters: at most N rows in one forward pass of a joint step, the rows of every "
-                            "adapter ordered by length so that a pass pads little (default: every adapter's "
-                            "micro-batch in one pass, padded to the longest row of all); N = one adapter's batch "
-                            "keeps activation memory near one run's")
+    train.add_argument("--max-rows-per-forward", metavar="N|all",
+                       help="several adapters: at most N rows per forward pass of a joint step, the rows of every "
+                            "adapter ordered by length so that a pass pads little (default: the largest adapter "
+                            "batch, which keeps memory near one run's); all: every adapter's micro-batch in one "
+                            "pass, padded to the longest row of all")
     train.add_argument("--no-dropout", action="store_true",
                        help="turn the model's dropout off (a joint run then trains each adapter exactly as a run of "
                             "its own would)")
+
+
+def rows_option(value: Any) -> int | str | None:
+    """``--max-rows-per-forward`` checked: an integer N >= 1, ``"all"``, or None (not given); a
+    ``ValueError`` naming the option otherwise."""
+    if value is None or value == ONE_PASS:
+        return value
+    try:
+        rows = int(value)
+    except (TypeError, ValueError):
+        rows = 0
+    if rows < 1 or str(rows) != str(value).strip():
+        raise ValueError(f"--max-rows-per-forward must be a number of rows >= 1 or {ONE_PASS}, got {value!r}")
+    return rows
+
+
+def max_rows_for(value: Any, batch_sizes: list[int]) -> int | None:
+    """The rows per forward pass of a joint run: N as given, None (one pass) for ``all``, and when
+    not given the largest of the adapters' batch sizes: each pass then holds no more rows than the
+    largest single run's batch, so activation memory stays near one run's."""
+    rows = rows_option(value)
+    if rows == ONE_PASS:
+        return None
+    return int(rows) if rows is not None else max(batch_sizes)
 
 
 def as_list(value: Any) -> list[Any]:
