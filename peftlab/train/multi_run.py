@@ -91,7 +91,9 @@ def train_jointly(joint: JointRun, out: str | Path, max_rows: int | None = None,
                   seed: int = 0, plot: bool = True) -> dict[str, Any]:
     """Evaluate every adapter at init, train them together, save each into ``out/<name>`` (adapter
     files with its task's own head, and its ``report.json``) and return the joint report (written
-    by the caller as ``out/report.json``); with ``plot``, ``out/loss_curves.png`` plots the curves."""
+    by the caller as ``out/report.json``); with ``plot``, ``out/loss_curves.png`` plots the curves.
+    ``max_rows``: rows per forward pass (None: one pass per micro-step; ``peftlab train`` passes the
+    largest adapter batch, :func:`~peftlab.train.multi_options.max_rows_for`)."""
     out = Path(out)
     before = {lane.name: lane.trainer.evaluate() if lane.trainer.eval_loader is not None else None
               for lane in joint.lanes}
