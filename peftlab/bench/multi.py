@@ -191,7 +191,7 @@ def plot(result: dict[str, Any], path: Path) -> Path | None:
         return None
     configs = result["summary"]["configurations"]
     names = [LABELS.get(n, n) for n in configs]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4))
     train = [v["train_time_s"] for v in configs.values()]
     rest = [v["wall_s"] - v["train_time_s"] for v in configs.values()]
     left.barh(names, train, label="training steps")
@@ -199,13 +199,13 @@ def plot(result: dict[str, Any], path: Path) -> Path | None:
     sequential = configs["sequential"]["wall_s"]
     left.axvline(TARGET_WALL * sequential, color="tab:red", ls="--", lw=1, label=f"target: {TARGET_WALL}x sequential")
     left.set_xlabel("wall time (s)")
-    left.legend(fontsize=7, loc="lower right")
+    left.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
     right.barh(names, [v["peak_rss_bytes"] / MB for v in configs.values()], color="tab:green")
     right.axvline(TARGET_MEMORY * configs["sequential"]["peak_rss_bytes"] / MB, color="tab:red", ls="--", lw=1,
                   label=f"target: {TARGET_MEMORY}x one run")
     right.set_xlabel("peak RSS of the process (MiB)")
     right.set_yticks([])
-    right.legend(fontsize=7, loc="lower right")
+    right.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2))
     fig.suptitle(f"{len(result['settings']['tasks'])} adapters: one joint run against one run per adapter")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
