@@ -229,3 +229,16 @@ def test_training_hooks_get_the_method_deltas_not_the_head_copy():
     ids = torch.randint(3, 128, (4, 8))
     (pm(input_ids=ids, labels=torch.tensor([0, 1, 0, 1])).loss + pm.regularizer()).backward()
     pm.on_step()
+
+
+def test_average_only_over_every_task_of_the_model():
+    """An unfinished benchmark: a row that lacks a task others have gets no average (it would be over
+    other tasks than theirs)."""
+    from peftlab.bench.standard_report import Grid
+
+    def rec(config, task, value):
+        return {"config": config, "model": "m", "task": task, "seed": 0, "status": "ok", "metric_after": value}
+
+    grid = Grid([rec("a", "t1", 0.5), rec("a", "t2", 0.7), rec("b", "t1", 0.9)])
+    assert grid.average("m", "a") == pytest.approx(0.6)
+    assert grid.average("m", "b") is None

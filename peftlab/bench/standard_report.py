@@ -87,8 +87,10 @@ class Grid:
         return _mean([r.get(field) for r in runs])
 
     def average(self, model: str, config: str) -> float | None:
-        """Mean over the model's tasks of the first metric (None unless every task has a value)."""
-        values = [self.value(model, config, t) for t in self.tasks if self.runs(model, config, t)]
+        """Mean over the model's tasks of the first metric (None unless every task has a value: the
+        rows of an unfinished benchmark would otherwise average over different tasks)."""
+        tasks = [t for t in self.tasks if any(self.runs(model, c, t) for c in self.cells[model])]
+        values = [self.value(model, config, t) for t in tasks]
         return statistics.fmean(values) if values and all(v is not None for v in values) else None
 
     def field_mean(self, model: str, config: str, field: str) -> float | None:
