@@ -8,9 +8,12 @@ deltas (``tuned.py``: the base is never modified):
 
     y' = (γ0 + Δγ) ⊙ n(x) + β0 + Δβ = y + Δγ ⊙ n(x) + Δβ          Δγ = Δβ = 0 at init
 
-n(x) is computed by the layer's own forward with γ = 1 and β = 0 (so any norm class works, not only
-the known ones); a norm whose output has a term free of γ, such as Gemma's (1 + γ) ⊙ n(x), is
-detected once and that term subtracted. Merging writes γ0 + Δγ and β0 + Δβ into the layer.
+For a layer that computes LayerNorm's or RMSNorm's formula (checked once on probes,
+``norm_delta.norm_kind``), Δy is that norm with (Δγ, Δβ) as its parameters, which autograd runs
+keeping only what the norm keeps (``norm_delta.py``). For any other norm class, n(x) is computed by
+the layer's own forward with γ = 1 and β = 0; a norm whose output has a term free of γ, such as
+Gemma's (1 + γ) ⊙ n(x), is detected once and that term subtracted. Merging writes γ0 + Δγ and
+β0 + Δβ into the layer.
 
 Norm layers are recognised by class name (``...LayerNorm``, ``...RMSNorm``, any ``...Norm`` but the
 channel norms BatchNorm / GroupNorm / InstanceNorm) holding a weight-only (or weight and bias)
@@ -40,6 +43,7 @@ from peftlab.core.peft_format import (
 )
 from peftlab.core.registry import PeftFormat, Requirement, register_method
 from peftlab.core.targeting import select_modules
+from peftlab.methods.selective.norm_delta import NormKind, norm_delta, norm_kind, normalized_by
 from peftlab.methods.selective.tuned import TunedDelta, gathered
 
 #: Norms over the channel dimension (dim 1), not the last one: not LNFit's layers.
@@ -96,17 +100,28 @@ class NormDelta(TunedDelta):
         self.__dict__["base_layer"] = base  # a reference, not a submodule
         self._tune(base, ("weight", "bias") if getattr(base, "bias", None) is not None else ("weight",))
         self.offset = False  # is there a term free of γ? (probed once, on a random input)
+        #: (kind, ε) when the layer is a known norm formula (``norm_delta.py``), computed as that norm.
+        self.formula: tuple[NormKind, float] | None = None
         if base.weight.device.type != "meta":
             probe = torch.randn(2, base.weight.shape[0], generator=torch.Generator().manual_seed(0)).to(base.weight)
             with torch.no_grad():
                 self.offset = bool(call_with(base, _affine(base, torch.zeros_like(base.weight)), probe).ne(0).any())
+            if not self.offset:
+                self.formula = norm_kind(base, lambda p: normalized(base, p, False))
 
     def _n(self, x: torch.Tensor) -> torch.Tensor:
+        if self.formula is not None and x.dtype == self.tuned_weight.dtype:
+            return normalized_by(self.formula[0], x, self.formula[1])
         return normalized(self.base_layer, x, self.offset).to(self.tuned_weight.dtype)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Δy = Δγ ⊙ n(x) + Δβ, in y's dtype."""
-        out = lnfit_delta(self._n(x), self.delta_of("weight"), self.delta_of("bias") if "bias" in self.tuned else None)
+        """Δy = Δγ ⊙ n(x) + Δβ, in y's dtype; for a known norm formula and x in the deltas' dtype, that
+        norm with (Δγ, Δβ) as its parameters (``norm_delta.py``: no full-width tensor kept for backward)."""
+        d_weight, d_bias = self.delta_of("weight"), self.delta_of("bias") if "bias" in self.tuned else None
+        if self.formula is not None and x.dtype == d_weight.dtype:
+            out = norm_delta(self.formula[0], x, d_weight, d_bias, self.formula[1])
+        else:
+            out = lnfit_delta(self._n(x), d_weight, d_bias)
         return out.to(x.dtype if y is None else y.dtype)
 
     @classmethod
