@@ -9,7 +9,8 @@ W1 too, with ``decompose_both``, when r < max(a, c) / 2. Init (PEFT's default, `
 (W1a = 0), the rest Kaiming-uniform; ``init=lycoris``: W2 = 0 (W2b = 0), the rest Kaiming-uniform.
 
 The forward never forms ΔW: with x (row-major) viewed as X ∈ R^{c×d}, (W1 ⊗ W2) x = vec(W1 X W2ᵀ)
-(:func:`kron_apply`), i.e. a·c·d + a·d·b multiply-adds per token instead of a·b·c·d.
+(:func:`kron_apply`), i.e. a·c·d + a·d·b multiply-adds per token instead of a·b·c·d; backward
+recomputes W1 X instead of keeping it (``kron_apply.py``).
 rank(ΔW) = rank(W1) · rank(W2).
 
 Layers: ``nn.Linear`` and GPT-2's ``Conv1D`` (PEFT's LOKR has no Conv1D: such files are peftlab's
@@ -29,6 +30,7 @@ from torch import nn
 from peftlab.core.delta import Delta, per_row
 from peftlab.core.registry import PeftFormat, register_method
 from peftlab.core.targeting import is_linear, select_modules
+from peftlab.methods.reparam.kron_apply import kron_apply
 from peftlab.methods.reparam.lora.config import DEFAULT_TARGETS
 from peftlab.methods.reparam.lycoris import LycorisConfig, LycorisDelta, lycoris_kwargs_from_peft
 from peftlab.methods.reparam.peft_fields import peft_config_dict
@@ -91,14 +93,6 @@ def factorization(n: int, factor: int = -1) -> tuple[int, int]:
             break
         m, k = nxt, n // nxt
     return (k, m) if m > k else (m, k)
-
-
-def kron_apply(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """(W1 ⊗ W2) x for x (..., c·d) without forming the Kronecker product: vec(W1 X W2ᵀ), X = x as (c, d)."""
-    a, c = w1.shape
-    b, d = w2.shape
-    xm = x.reshape(*x.shape[:-1], c, d)
-    return torch.matmul(torch.matmul(w1, xm), w2.T).reshape(*x.shape[:-1], a * b)
 
 
 class LokrLinear(LycorisDelta):
