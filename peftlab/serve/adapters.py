@@ -15,9 +15,10 @@ made for another base model or with a bad config is refused there.
 
 What the engine keeps (:class:`ReadAdapter`): for LoRA-family adapters on linear layers, only each
 module's low-rank factors ``(A, B)`` with ΔW = B A, the scaling folded into B (:func:`lora_factors`;
-they go into the adapter bank); for prefix tuning, each layer's prefix keys and values (written into
-the request's cache row before its prompt); for any other method, the placed deltas themselves,
-which the engine attaches to its ``PeftModel`` and routes per row.
+they go into the adapter bank); for other layer methods, the placed deltas themselves, which the
+engine attaches to its ``PeftModel`` and routes per row; and, for the model-site parts (prefixes,
+soft prompts; alone or in a union such as MAM or UniPELT), what they put before a request's prompt
+(:mod:`~peftlab.serve.virtual`).
 """
 
 from __future__ import annotations
@@ -35,14 +36,13 @@ import torch
 from torch import nn
 
 from peftlab.core import io
-from peftlab.core.config import ConfigError, config_parts
+from peftlab.core.config import ConfigError
 from peftlab.core.model import build_placement
-from peftlab.core.registry import get_method
 from peftlab.core.targeting import TargetError
-from peftlab.methods.additive.prefix import PrefixConfig
 from peftlab.methods.reparam.lora.deltas import LoraLinear
 
 from .errors import InvalidAdapterError
+from .virtual import VirtualInput, check_virtual_parts, has_gated_layers, virtual_input
 
 #: Files that hold pickled weights: never opened.
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin")
@@ -50,20 +50,23 @@ PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "p
 
 @dataclass
 class ReadAdapter:
-    """An adapter read from disk: its config, and one of: its LoRA factors (``factors``: module name
-    -> (A (r, in), B (out, r) with the scaling folded in)), its per-layer prefix keys and values
-    (``prefix``: [(P_k, P_v)], each (kv heads, p, head dim)), or its placed deltas (``placement``)."""
+    """An adapter read from disk: its config; its layer parts as LoRA factors (``factors``: module
+    name -> (A (r, in), B (out, r) with the scaling folded in)) or as placed deltas (``placement``),
+    or neither; and its model-site parts (``virtual``: prefix keys and values, soft prompt), if any.
+    ``gated``: some part averages a gate over a call's positions (a prefill must not pad its row)."""
 
     config: Any
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None
     placement: list | None
     nbytes: int
-    prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    virtual: VirtualInput | None = None
+    gated: bool = False
 
     @property
     def kind(self) -> str:
-        """``bank`` (LoRA family), ``prefix`` or ``routed`` (attached to the PeftModel, routed per row)."""
-        return "bank" if self.factors is not None else "prefix" if self.prefix is not None else "routed"
+        """``bank`` (LoRA family), ``routed`` (attached to the PeftModel, routed per row) or
+        ``virtual`` (only model-site parts)."""
+        return "bank" if self.factors is not None else "routed" if self.placement else "virtual"
 
 
 def resolve_adapter_dir(path: str | os.PathLike, allowed_roots: Sequence[str | os.PathLike] | None,
@@ -143,23 +146,15 @@ def check_safetensors_header(path: Path, size: int) -> None:
 def read_adapter_dir(real: Path, model: nn.Module,
                      base_access: Callable[[], ContextManager] = contextlib.nullcontext) -> ReadAdapter:
     """Read a checked directory (:func:`resolve_adapter_dir`) with the library's code and build it
-    for ``model``; :class:`InvalidAdapterError` for a bad config, another base, or a method the engine
-    cannot batch (prompt methods rewrite the model's inputs). Building reads the base model (PiSSA's
+    for ``model``; :class:`InvalidAdapterError` for a bad config, another base, or a model-site part
+    the engine cannot serve (:func:`~peftlab.serve.virtual.check_virtual_parts`). Building reads the base model (PiSSA's
     residual, a prefix's token init): it runs inside ``base_access()``, which the engine makes a
     moment between two steps with the original (unmerged) weights; the files are read before."""
     try:
         cfg, tensors = io.read_adapter(real)
     except io.AdapterFileError as e:
         raise InvalidAdapterError(f"adapter {str(real)!r}: {e}") from None
-    prefix = isinstance(cfg, PrefixConfig) and not cfg.gate and not cfg.encoder and cfg.offset_positions
-    for part in config_parts(cfg):
-        spec = get_method(part.method)
-        if "model" in spec.sites and not prefix:
-            raise InvalidAdapterError(
-                f"adapter {str(real)!r} is {spec.name}, which rewrites the model call in a way the engine does not "
-                "batch; the engine serves layer methods (LoRA family in its bank; (IA)3, BitFit, adapters and the "
-                "others by per-row routing) and prefix tuning / P-tuning v2 alone (no gate, no encoder prefix, "
-                "offset_positions). Serve it with peftlab.load(model, dir).generate(...)")
+    has_virtual = check_virtual_parts(cfg, repr(str(real)))
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
     signature = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
     templates = _TEMPLATES.setdefault(model, {})
@@ -176,21 +171,13 @@ def read_adapter_dir(real: Path, model: nn.Module,
     for _, _, delta in placement:
         delta.eval()
         delta.requires_grad_(False)
-    if prefix:
-        return ReadAdapter(cfg, None, None, nbytes, prefix_kv(placement, model))
-    factors = lora_factors(placement)
-    if factors is not None and not any(d.residual for _, _, d in placement):
-        templates[signature] = LoraTemplate.of(placement, cfg)
-    return ReadAdapter(cfg, factors, None if factors is not None else placement, nbytes)
-
-
-def prefix_kv(placement: list, model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """A prefix adapter's keys and values per layer, (kv heads, p, head dim) each, in the model's dtype."""
-    (_, _, delta), = placement
-    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-    with torch.no_grad():
-        return [(k[0].contiguous().cpu(), v[0].contiguous().cpu())
-                for k, v in delta.layer_kv(delta.prefix().detach(), 1, dtype)]
+    virtual = virtual_input(placement, model) if has_virtual else None
+    layers = [(part, name, d) for part, name, d in placement if d.site != "model"]
+    factors = lora_factors(layers) if layers else None
+    if factors is not None and virtual is None and not any(d.residual for _, _, d in layers):
+        templates[signature] = LoraTemplate.of(layers, cfg)
+    gated = has_gated_layers(layers) or (virtual is not None and virtual.gates is not None)
+    return ReadAdapter(cfg, factors, layers if factors is None and layers else None, nbytes, virtual, gated)
 
 
 #: Per base model: {config signature: LoraTemplate}, learnt from the first adapter of each config.

@@ -1,7 +1,8 @@
 """The adapter cache: every registered adapter, on one of three tiers.
 
 * **device**: in the adapter bank (LoRA family; at most ``device_adapters`` slots) or attached to
-  the engine's ``PeftModel`` (other methods, routed per row), ready for the next step;
+  the engine's ``PeftModel`` (other methods, routed per row), with its prefix or soft prompt
+  (:mod:`~peftlab.serve.virtual`) copied to the device, ready for the next step;
 * **host**: read and checked, kept in host memory (a LoRA adapter as one flat row already laid out
   for the bank, pinned when the device is a GPU), least recently used first out beyond
   ``host_budget_bytes``; moving one to the device is one copy;
@@ -34,6 +35,7 @@ from peftlab.core.model import PeftModel
 from .adapters import ReadAdapter, read_adapter_dir, resolve_adapter_dir
 from .bank import AdapterBank
 from .errors import InvalidAdapterError, ServeError, UnknownAdapterError
+from .virtual import VirtualInput
 
 
 @dataclass(eq=False)
@@ -43,15 +45,18 @@ class AdapterEntry:
     name: str
     path: Path
     serial: int
-    kind: str  # "bank" (LoRA family), "prefix", or "routed" (attached to the PeftModel, routed per row)
+    kind: str  # "bank" (LoRA family), "routed" (attached to the PeftModel, routed per row), "virtual" (neither)
     nbytes: int
-    #: host copy: (flat row, its layout) for "bank", [(P_k, P_v)] for "prefix", (config, placement)
-    #: for "routed"; None on disk
+    #: host copy: (layers, VirtualInput or None), layers being (flat row, its layout) for "bank",
+    #: (config, placement) for "routed", None for "virtual"; None on disk
     host: Any = None
     slot: int | None = None  # bank row while on the device
     attached: bool = False  # "routed": attached to the engine's PeftModel
-    prefix: list | None = None  # "prefix": its keys and values on the device
-    prefix_length: int = 0  # positions a request of this adapter occupies before its prompt
+    virtual: VirtualInput | None = None  # its prefix / soft prompt on the device
+    virtual_length: int = 0  # positions a request of this adapter occupies before its prompt
+    prompt_length: int = 0  # of which soft-prompt tokens, prefilled with the prompt
+    gated: bool = False  # a gate averages over a call's positions: its prefill rows are never padded
+    resident: bool = False  # on the device tier
     queued: int = 0
     running: int = 0
     unloaded: bool = False
@@ -66,7 +71,7 @@ class AdapterEntry:
 
     @property
     def on_device(self) -> bool:
-        return self.slot is not None or self.attached or self.prefix is not None
+        return self.resident
 
     @property
     def live(self) -> bool:
@@ -106,9 +111,9 @@ class AdapterCache:
         registration of that name); it lands on the host tier."""
         real = resolve_adapter_dir(path, self.allowed_roots, self.max_adapter_bytes)
         read = read_adapter_dir(real, self.model, self.base_access)
-        entry = AdapterEntry(name, real, next(self._serial), read.kind, read.nbytes)
-        if read.prefix is not None:
-            entry.prefix_length = int(read.prefix[0][0].shape[1])
+        entry = AdapterEntry(name, real, next(self._serial), read.kind, read.nbytes, gated=read.gated)
+        if read.virtual is not None:
+            entry.virtual_length, entry.prompt_length = read.virtual.length, read.virtual.prompt_length
         entry.host = self._host_copy(read)
         with self.lock:
             old = self.registry.get(name)
@@ -118,15 +123,13 @@ class AdapterCache:
                 self._retire(old)
         return entry
 
-    def _host_copy(self, read: ReadAdapter) -> Any:
-        if read.prefix is not None:
-            return read.prefix
+    def _host_copy(self, read: ReadAdapter) -> tuple[Any, VirtualInput | None]:
         if read.factors is None:
-            return (read.config, read.placement)
+            return ((read.config, read.placement) if read.placement else None), read.virtual
         layout = self.bank.layout
         if not layout.covers(read.factors):
             layout = layout.extended(read.factors)
-        return (layout.pack(read.factors, self.bank.dtype, pin=self.bank.device.type == "cuda"), layout)
+        return (layout.pack(read.factors, self.bank.dtype, pin=self.bank.device.type == "cuda"), layout), read.virtual
 
     def unregister(self, name: str) -> None:
         """Forget ``name``: new requests for it are refused; requests already holding it finish."""
@@ -225,21 +228,23 @@ class AdapterCache:
         if not self._make_room():
             return False
         t0 = time.perf_counter()
+        layers, virtual = host
         if entry.kind == "bank":
-            flat, layout = host
+            flat, layout = layers
             if layout is not self.bank.layout and layout != self.bank.layout:  # rare: re-lay, re-pack
                 self.bank.ensure_layout(layout.unpack(flat))
                 if layout != self.bank.layout:
                     flat = self.bank.repack(flat, layout)
-                entry.host = (flat, self.bank.layout)
+                entry.host = ((flat, self.bank.layout), virtual)
             entry.slot = self._free_slot()
             self.bank.put(entry.slot, flat)
-        elif entry.kind == "prefix":
-            entry.prefix = [(k.to(self.bank.device), v.to(self.bank.device)) for k, v in host]
-        else:
-            cfg, placement = host
-            self.pm.attach(entry.key, cfg, placement)
+        elif entry.kind == "routed":
+            cfg, placement = layers
+            self.pm.attach(entry.key, cfg, placement)  # the layer parts only: the engine serves the rest
             entry.attached = True
+        if virtual is not None:
+            entry.virtual = virtual.to(self.bank.device)
+        entry.resident = True
         if self.bank.device.type == "cuda":
             torch.cuda.synchronize(self.bank.device)
         self.promote_ms.append(1000 * (time.perf_counter() - t0))
@@ -273,7 +278,8 @@ class AdapterCache:
         if entry.attached:
             self.pm.delete_adapter(entry.key)
             entry.attached = False
-        entry.prefix = None
+        entry.virtual = None
+        entry.resident = False
 
     def maintain(self) -> None:
         """Drop retired entries no request holds from every tier (decode thread, between steps)."""

@@ -12,8 +12,10 @@ One background thread runs the decode loop. Each iteration:
    in the batched key/value cache (:mod:`~peftlab.serve.kv`);
 4. one decode step for every running row at once, whatever their adapters: LoRA-family rows through
    the adapter bank (:mod:`~peftlab.serve.bank`), other layer methods through the library's per-row
-   routing (``adapter_names``), prefix-tuned rows through the prefix written into their cache row at
-   prefill, base rows through none of these;
+   routing (``adapter_names``), rows with a prefix through the prefix written into their cache row
+   at prefill (gated prefixes scaled per row at every call), rows with a soft prompt through the
+   virtual tokens prefilled before their prompt (:mod:`~peftlab.serve.virtual`), base rows through
+   none of these;
 5. each row's token is sampled (:mod:`~peftlab.serve.sampling`), turned into text with stop strings
    (:mod:`~peftlab.serve.text`) and streamed; finished rows leave and the others are packed.
 
@@ -49,8 +51,9 @@ from .kv import SlotCache, decode_mask, prefill_mask, prefixed_prefill_mask
 from .merge_policy import MergePolicy
 from .requests import GenerationRequest, GenerationResult, RequestHandle, TokenEvent
 from .sampling import next_tokens
-from .scheduler import RequestQueue, Waiting, length_groups
+from .scheduler import RequestQueue, Waiting, length_groups, unpadded_where_needed
 from .text import TextTracker
+from .virtual import CallGates, VirtualInput, soft_prompts_in
 
 __all__ = ["Engine", "GenerationRequest", "GenerationResult", "RequestHandle", "TokenEvent"]
 
@@ -65,7 +68,7 @@ class _Row:
     item: Waiting
     slot: int  # bank row (0: none)
     routed: str | None  # PeftModel adapter name for per-row routing, or None
-    prefix: list | None  # per layer (P_k, P_v) written before the prompt, or None
+    virtual: VirtualInput | None  # its adapter's prefix / soft prompt, or None
     length: int  # tokens in its cache row = the next token's position
     last: int  # the last token (the next step's input)
     seed: int
@@ -240,9 +243,10 @@ class Engine:
         entry = None
         if req.adapter is not None and req.adapter != self.base_name:
             entry = self.adapters.get(req.adapter)
-        room = self.max_context - (entry.prefix_length if entry is not None else 0)
+        room = self.max_context - (entry.virtual_length if entry is not None else 0)
         if len(req.prompt_ids) >= room:
-            prefix = f" after adapter {req.adapter!r}'s prefix of {self.max_context - room}" if room < self.max_context else ""
+            prefix = (f" after adapter {req.adapter!r}'s {self.max_context - room} virtual tokens"
+                      if room < self.max_context else "")
             raise PromptTooLongError(
                 f"the prompt has {len(req.prompt_ids)} tokens but the context holds {self.max_context} "
                 f"(max_context){prefix}, so at most {room - 1} prompt tokens leave room for one new token")
@@ -251,7 +255,7 @@ class Engine:
             if entry is not None:
                 entry.queued += 1
         try:
-            self.queue.push(req, handle, entry, len(req.prompt_ids))
+            self.queue.push(req, handle, entry, len(req.prompt_ids) + (entry.prompt_length if entry is not None else 0))
         except ServeError:
             if entry is not None:
                 self._release(entry, running=False)
@@ -327,7 +331,8 @@ class Engine:
             for w in new:
                 if w.handle.cancelled:
                     self._finish_waiting_cancelled(w)
-            groups = length_groups(admitted)
+            # A row whose gate averages over its positions must not be padded in its prefill.
+            groups = unpadded_where_needed(length_groups(admitted), lambda w: w.entry is not None and w.entry.gated)
             for k, group in enumerate(groups):
                 try:
                     self._prefill(group)
@@ -367,54 +372,60 @@ class Engine:
         rows = []
         for w in group:
             entry: AdapterEntry | None = w.entry
-            slot, routed, prefix = 0, None, None
+            slot, routed, virtual = 0, None, None
             if entry is not None:
                 slot = entry.slot or 0
                 routed = entry.key if entry.kind == "routed" else None
-                prefix = entry.prefix
+                virtual = entry.virtual
             req = w.request
             seed = req.seed if req.seed is not None else random.getrandbits(62)
             text = TextTracker(self.tokenizer, req.prompt_ids, req.stop)
-            length = len(req.prompt_ids) + (entry.prefix_length if entry is not None else 0)
-            rows.append(_Row(w, slot, routed, prefix, length, 0, seed % (1 << 62), text))
+            length = len(req.prompt_ids) + (entry.virtual_length if entry is not None else 0)
+            rows.append(_Row(w, slot, routed, virtual, length, 0, seed % (1 << 62), text))
         start = len(self.rows)
         self.rows.extend(rows)  # before the call: if it fails, these fail with the others
         slots, routed_names = self._row_routes(rows)
-        prefixes = [r.prefix for r in rows] if any(r.prefix is not None for r in rows) else None
-        logits = self._prefill_logits([w.request.prompt_ids for w in group], start, slots, routed_names, prefixes)
+        virtuals = [r.virtual for r in rows] if any(r.virtual is not None for r in rows) else None
+        logits = self._prefill_logits([w.request.prompt_ids for w in group], start, slots, routed_names, virtuals)
         self._counters["prefill_calls"] += 1
         self._emit(rows, logits, steps=[0] * len(rows))
         self._pack()
 
     def _prefill_logits(self, prompts: list[list[int]], start: int, slots: list[int],
-                        routed: list[str | None] | None, prefixes: list | None = None) -> torch.Tensor:
+                        routed: list[str | None] | None, virtuals: list[VirtualInput | None] | None = None) -> torch.Tensor:
         """Last-position logits (g, vocab) of right-padded prompts written into cache rows
-        start..start+g-1 (after each row's prefix, if any: its tokens' positions start after it)."""
-        g, T = len(prompts), max(map(len, prompts))
+        start..start+g-1: row b's prompt after its soft prompt's l_b virtual tokens (prefilled as
+        tokens 0..l_b−1), all after its prefix's p_b cache columns (positions p_b + j), if any."""
+        virtuals = virtuals or [None] * len(prompts)
+        soft = [0 if v is None else v.prompt_length for v in virtuals]
+        g, T = len(prompts), max(s + len(p) for s, p in zip(soft, prompts))
         ids = torch.full((g, T), self._pad, dtype=torch.long)
         for i, p in enumerate(prompts):
-            ids[i, : len(p)] = torch.tensor(p)
-        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+            ids[i, soft[i] : soft[i] + len(p)] = torch.tensor(p)
+        lengths = torch.tensor([s + len(p) for s, p in zip(soft, prompts)], device=self.device)
         positions = torch.arange(T, device=self.device).expand(g, T)
         mask = prefill_mask(lengths, T, self._dtype)
-        if prefixes is not None:
-            starts = torch.tensor([0 if kv is None else kv[0][0].shape[1] for kv in prefixes], device=self.device)
+        prefixes = [None if v is None else v.prefix for v in virtuals]
+        if any(p is not None for p in prefixes):
+            starts = torch.tensor([0 if v is None else v.prefix_length for v in virtuals], device=self.device)
             positions = positions + starts.view(g, 1)
             mask = prefixed_prefill_mask(lengths, starts, T, self._dtype)
-        self.kv.begin_prefill(start, g, T, prefixes)
+        gates = CallGates.of([None if v is None else v.gates for v in virtuals], self.device)
+        self.kv.begin_prefill(start, g, T, prefixes if any(p is not None for p in prefixes) else None, gates)
         token = _LAST.set(lengths - 1)
         try:
-            out = self._forward(ids.to(self.device), positions, mask, slots, routed)
+            with soft_prompts_in(self.model.get_input_embeddings(), virtuals):
+                out = self._forward(ids.to(self.device), positions, mask, slots, routed)
         finally:
             _LAST.reset(token)
             self.kv.end()
         return out
 
     def _decode_logits(self, last: torch.Tensor, lengths: torch.Tensor, slots: list[int],
-                       routed: list[str | None] | None) -> torch.Tensor:
+                       routed: list[str | None] | None, gates: CallGates | None = None) -> torch.Tensor:
         n = last.shape[0]
         columns = int(lengths.max()) + 1
-        self.kv.begin_decode(n, lengths, columns)
+        self.kv.begin_decode(n, lengths, columns, gates)
         try:
             return self._forward(last.view(n, 1), lengths.view(n, 1), decode_mask(lengths, columns, self._dtype),
                                  slots, routed)
@@ -433,7 +444,8 @@ class Engine:
         lengths = torch.tensor([r.length for r in rows], device=self.device)
         last = torch.tensor([r.last for r in rows], device=self.device)
         slots, routed = self._row_routes()
-        logits = self._decode_logits(last, lengths, slots, routed)
+        gates = CallGates.of([None if r.virtual is None else r.virtual.gates for r in rows], self.device)
+        logits = self._decode_logits(last, lengths, slots, routed, gates)
         self._counters["steps"] += 1
         self._last_batch = len(rows)
         for r in rows:

@@ -11,14 +11,19 @@ one contiguous block. Buffers grow by doubling and are freed when the engine goe
 The object is passed to a Hugging Face model as its cache (under :func:`~peftlab.core.model_calls.cache_argument`'s
 name); the model calls ``update(key, value, layer_idx, ...)`` in every attention layer, which is the
 same in transformers 4.57 and 5.x. Masks are given to the model as 4-D float masks, which both
-versions use as they are.
+versions use as they are. Rows with a gated prefix (UniPELT) get their prefix columns scaled by
+their own gates in what a call's attention reads (:class:`~peftlab.serve.virtual.CallGates`); the
+buffers keep the ungated prefix.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from .virtual import CallGates
 
 
 class SlotCache:
@@ -39,6 +44,7 @@ class SlotCache:
         self.columns = 0  # allocated columns
         self.peak_columns = 0  # the most columns ever allocated
         self._call: tuple[Any, ...] | None = None
+        self._gates: CallGates | None = None
 
     # -- what the engine does between calls ----------------------------------------------------------
     def reserve(self, rows: int, columns: int) -> None:
@@ -80,11 +86,13 @@ class SlotCache:
         return sum(t.numel() * t.element_size() for s in (self.keys, self.values) for t in s.values())
 
     def begin_prefill(self, start: int, count: int, tokens: int,
-                      prefixes: list[list[tuple[torch.Tensor, torch.Tensor]] | None] | None = None) -> None:
+                      prefixes: list[list[tuple[torch.Tensor, torch.Tensor]] | None] | None = None,
+                      gates: "CallGates | None" = None) -> None:
         """The next call writes ``tokens`` new keys into fresh rows ``start .. start+count-1``, at
         columns ``0 .. tokens-1``; with ``prefixes`` (per row: per layer (P_k, P_v), each (heads, p,
         head_dim), or None), row b's prefix fills its columns ``0 .. p_b-1`` and its tokens follow,
-        and the call attends over the prefixes too."""
+        and the call attends over the prefixes too, gated by ``gates`` (rows of this call)."""
+        self._gates = gates
         starts = [0 if kv is None else int(kv[0][0].shape[1]) for kv in (prefixes or [None] * count)]
         self.reserve(start + count, max(starts) + tokens)
         if not any(starts):
@@ -94,9 +102,10 @@ class SlotCache:
         cols = torch.tensor(starts, device=self.device).view(count, 1) + torch.arange(tokens, device=self.device)
         self._call = ("prefixed", start, count, max(starts) + tokens, rows, cols, prefixes)
 
-    def begin_decode(self, count: int, lengths: torch.Tensor, columns: int) -> None:
+    def begin_decode(self, count: int, lengths: torch.Tensor, columns: int, gates: "CallGates | None" = None) -> None:
         """The next call writes one key per row ``b < count`` at column ``lengths[b]`` and attends
-        over the first ``columns`` columns."""
+        over the first ``columns`` columns, the gated prefix columns scaled by ``gates``."""
+        self._gates = gates
         self.reserve(count, columns)
         rows = torch.arange(count, device=self.device)
         self._call = ("decode", rows, lengths, columns)
@@ -104,6 +113,7 @@ class SlotCache:
     def end(self) -> None:
         """The call is over."""
         self._call = None
+        self._gates = None
 
     # -- what the model calls ------------------------------------------------------------------------
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
@@ -129,12 +139,18 @@ class SlotCache:
                     vbuf[start + b, :, : pv.shape[1]] = pv
             kbuf[rows, :, cols] = key.transpose(1, 2)  # (count, tokens, heads, head_dim) at per-row columns
             vbuf[rows, :, cols] = value.transpose(1, 2)
-            return kbuf[start : start + count, :, :columns], vbuf[start : start + count, :, :columns]
+            return self._gated(layer_idx, kbuf[start : start + count, :, :columns],
+                               vbuf[start : start + count, :, :columns], value)
         _, rows, lengths, columns = self._call
         kbuf[rows, :, lengths] = key[:, :, 0]
         vbuf[rows, :, lengths] = value[:, :, 0]
         n = rows.shape[0]
-        return kbuf[:n, :, :columns], vbuf[:n, :, :columns]
+        return self._gated(layer_idx, kbuf[:n, :, :columns], vbuf[:n, :, :columns], value)
+
+    def _gated(self, layer: int, keys: torch.Tensor, values: torch.Tensor, new_values: torch.Tensor):
+        if self._gates is None:
+            return keys, values
+        return self._gates.scale(layer, keys, values, new_values)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """0: positions are always given explicitly (``position_ids``), never counted from the cache."""

@@ -121,3 +121,20 @@ def length_groups(items: list[Waiting], ratio: float = 1.25, slack: int = 8) -> 
         else:
             groups.append([item])
     return groups
+
+
+def unpadded_where_needed(groups: list[list[Waiting]], needs: Callable[[Waiting], bool]) -> list[list[Waiting]]:
+    """``groups`` (each sorted by prompt length) cut so that no item for which ``needs`` holds is
+    padded: such an item ends its group unless the next ones are as long as it is. For adapters
+    whose gates average over a call's positions (UniPELT), which padding would change."""
+    out: list[list[Waiting]] = []
+    for group in groups:
+        current: list[Waiting] = []
+        for k, item in enumerate(group):
+            current.append(item)
+            longer_next = k + 1 < len(group) and group[k + 1].prompt_len > item.prompt_len
+            if longer_next and any(needs(w) and w.prompt_len == item.prompt_len for w in current):
+                out.append(current)
+                current = []
+        out.append(current)
+    return out
