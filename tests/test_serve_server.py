@@ -17,11 +17,13 @@ import copy
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -347,6 +349,80 @@ def test_in_flight_requests_equal_lone_runs_while_adapters_load_and_unload(serve
     assert cycles and cycles[0] >= 1
     for i, (model, prompt) in enumerate(jobs):
         assert answers[i] == f"|{lone[(model, prompt)]}" * 2, (model, prompt)
+
+
+# -- choices, lists of prompts, clients that go away ---------------------------------------------------------
+def test_n_choices_are_the_requests_seeded_seed_plus_index(client, server):
+    """``n`` > 1: n choices, index 0..n-1, choice i sampled with seed + i (the n = 1 answer of that seed),
+    streamed per index too; more than 16 choices in one call is a 400 naming ``n``."""
+    ask = dict(model="alpha", prompt=PROMPTS[1], max_tokens=6, temperature=1.0)
+    many = client.completions.create(n=3, seed=11, **ask)
+    assert [c.index for c in many.choices] == [0, 1, 2]
+    singles = [client.completions.create(seed=11 + i, **ask).choices[0].text for i in range(3)]
+    assert [c.text for c in many.choices] == singles
+    assert len(set(singles)) > 1  # the seeds really differ
+    chunks = list(client.completions.create(n=2, seed=11, stream=True, **ask))
+    joined = {i: "".join(c.choices[0].text for c in chunks if c.choices[0].index == i) for i in (0, 1)}
+    assert joined == {0: singles[0], 1: singles[1]}
+    for body, says in (({"n": 17}, "n=17"), ({"prompt": ["a", "b", "c", "d"], "n": 5}, "4 prompts x n=5")):
+        status, err, _ = server.error("POST", "/v1/completions", {"model": "alpha", "prompt": "x", **body})
+        assert status == 400 and err["param"] == "n" and ("16" in err["message"] or says in err["message"]), err
+
+
+def test_a_list_of_prompts_gives_one_choice_per_prompt_and_n(client, server, lone, smollm2):
+    _, tokenizer = smollm2
+    texts = client.completions.create(model="beta", prompt=PROMPTS, max_tokens=8, temperature=0)
+    assert [(c.index, c.text) for c in texts.choices] == [(i, lone[("beta", p)]) for i, p in enumerate(PROMPTS)]
+    ids = [tokenizer(p).input_ids for p in PROMPTS]
+    assert texts.usage.prompt_tokens == sum(map(len, ids))
+    by_ids = client.completions.create(model="beta", prompt=ids, max_tokens=8, temperature=0, n=2)  # prompt-major
+    assert [c.text for c in by_ids.choices] == [lone[("beta", p)] for p in PROMPTS for _ in range(2)]
+    one = client.completions.create(model="beta", prompt=ids[1], max_tokens=8, temperature=0)  # one list of ids
+    assert [c.text for c in one.choices] == [lone[("beta", PROMPTS[1])]]
+    for prompt in ([], [PROMPTS[0], ""]):
+        status, err, _ = server.error("POST", "/v1/completions", {"model": "beta", "prompt": prompt})
+        assert status == 400 and err["param"] == "prompt", err
+
+
+def _stream_and_hang_up(server: Server, body: dict) -> socket.socket:
+    """A raw HTTP/1.1 streaming request on its own socket, read until its first data chunk; the
+    socket is returned open (the caller closes it: the client goes away mid-stream)."""
+    address = urllib.parse.urlsplit(server.url)
+    payload = json.dumps(body).encode()
+    sock = socket.create_connection((address.hostname, address.port), timeout=300)
+    sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {address.netloc}\r\nAuthorization: Bearer {KEY}\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload)
+    received = b""
+    while b"data: {" not in received:
+        more = sock.recv(4096)
+        assert more, f"the server closed the stream before its first chunk: {received!r}"
+        received += more
+    assert received.startswith(b"HTTP/1.1 200"), received[:200]
+    return sock
+
+
+def test_a_client_that_hangs_up_mid_stream_frees_its_batch_rows(server, lone):
+    """MAX_BATCH streams of 4000 tokens fill the batch; their clients close the sockets after the first
+    chunk: every request is cancelled (its row freed at the next step) and the server answers the
+    next request as before."""
+    before = _metrics(server)
+    body = {"model": "beta", "prompt": PROMPTS[0], "max_tokens": 4000, "temperature": 0, "stream": True}
+    sockets = [_stream_and_hang_up(server, body) for _ in range(MAX_BATCH)]
+    assert _metrics(server)["peftlab_running_requests"] == MAX_BATCH  # all four rows decoding together
+    for sock in sockets:
+        sock.close()
+    deadline = time.monotonic() + 120
+    while True:
+        now = _metrics(server)
+        cancelled = now["peftlab_requests_cancelled_total"] - before["peftlab_requests_cancelled_total"]
+        if now["peftlab_running_requests"] == 0 and cancelled == MAX_BATCH:
+            break
+        assert time.monotonic() < deadline, f"rows not freed: {now['peftlab_running_requests']} running, {cancelled} cancelled"
+        time.sleep(0.5)
+    generated = now["peftlab_engine_tokens_generated_total"] - before["peftlab_engine_tokens_generated_total"]
+    assert generated < MAX_BATCH * 4000 / 10  # stopped long before their max_tokens
+    assert server.complete("beta", PROMPTS[0]) == lone[("beta", PROMPTS[0])]
+    assert server.proc.poll() is None
 
 
 # -- metrics ---------------------------------------------------------------------------------------------------

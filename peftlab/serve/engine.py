@@ -147,7 +147,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._step_lock = threading.Lock()  # one step at a time (the loop, or generate before start)
-        self._counters = {"requests_done": 0, "requests_failed": 0, "deadline_missed": 0, "steps": 0,
+        self._counters = {"requests_done": 0, "requests_failed": 0, "requests_cancelled": 0, "deadline_missed": 0, "steps": 0,
                           "prefill_calls": 0, "tokens_generated": 0, "merges": 0, "unmerges": 0}
         self._recent_tokens: deque[tuple[float, int]] = deque()
         self._last_batch = 0
@@ -516,6 +516,7 @@ class Engine:
         if item.entry is not None:
             self._release(item.entry, running=True)
         self._counters["requests_done"] += 1
+        self._counters["requests_cancelled"] += int(row.finish == "cancelled")
         self._counters["deadline_missed"] += int(missed)
         self.queue.completed()
         item.handle._finish(result)
@@ -523,6 +524,7 @@ class Engine:
     def _finish_waiting_cancelled(self, item: Waiting) -> None:
         if item.entry is not None:
             self._release(item.entry, running=False)
+        self._counters["requests_cancelled"] += 1
         now = time.monotonic()
         req = item.request
         item.handle._finish(GenerationResult(req.request_id, [], "", "cancelled", len(req.prompt_ids), 0,
@@ -588,7 +590,8 @@ class Engine:
 
     def stats(self) -> dict[str, Any]:
         """Counters and gauges: queue_length, running, batch_size (last decode step), tokens_per_s
-        (over the last 10 s), requests_done, requests_failed, deadline_missed, cache_hits (adapter on
+        (over the last 10 s), requests_done, requests_failed, requests_cancelled (a client's
+        ``cancel()``, e.g. a streaming client that went away), deadline_missed, cache_hits (adapter on
         the device when needed), host_hits (moved from host memory), cache_misses (read back from
         disk), device_adapters, host_adapters, registered_adapters, merged_adapter, host_to_device_ms
         (median of recent moves), kv_cache_bytes, bank_bytes, steps, prefill_calls, tokens_generated."""

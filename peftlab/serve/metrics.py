@@ -27,6 +27,8 @@ ENGINE_METRICS: dict[str, tuple[str, str, str]] = {
     "cache_misses": ("peftlab_adapter_cache_misses_total", "counter", "Adapter lookups read back from disk."),
     "host_hits": ("peftlab_adapter_host_hits_total", "counter", "Adapter lookups served by a move from host memory."),
     "requests_failed": ("peftlab_requests_failed_total", "counter", "Requests the engine failed."),
+    "requests_cancelled": ("peftlab_requests_cancelled_total", "counter",
+                           "Requests cancelled before they finished (e.g. a streaming client went away)."),
     "deadline_missed": ("peftlab_deadline_missed_total", "counter", "Requests finished after their deadline."),
     "tokens_generated": ("peftlab_engine_tokens_generated_total", "counter", "Tokens the engine generated."),
     "steps": ("peftlab_decode_steps_total", "counter", "Decode steps run."),
