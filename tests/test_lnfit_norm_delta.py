@@ -94,3 +94,35 @@ def test_unknown_formula_or_wrong_eps_is_not_taken():
         expected = (d.weight0 + d.delta_of("weight")) * x / x.abs().amax(-1, keepdim=True)
         assert d.formula is None
         torch.testing.assert_close(pm(x), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_lone_delta_runs_the_norm_once_with_tuned_parameters_and_two_adapters_sum():
+    """Alone at its norm, the dispatcher takes ``NormDelta.plus``: y' = LN(x; γ + Δγ, β + Δβ), whose
+    graph holds one norm (no base output plus Δy); with two LNFit adapters active both Δs are added."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
+    pm = peftlab.apply(model, "lnfit", adapter_name="a")
+    pm.add_adapter("b", "lnfit")
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.3)
+    ln, x = model[1], torch.randn(3, 8)
+    delta = {n: next(d for _, _, d in pm.placements[n]) for n in ("a", "b")}
+    h = model[0](x).detach()
+
+    def expected(*names):
+        w = ln.weight + sum(delta[n].delta_of("weight") for n in names)
+        b = ln.bias + sum(delta[n].delta_of("bias") for n in names)
+        return nn.functional.layer_norm(h, (8,), w, b, ln.eps)
+
+    pm.set_adapter("a")
+    out = pm(x)
+    assert type(out.grad_fn).__name__ == "NativeLayerNormBackward0"  # one norm, not y + Δy
+    torch.testing.assert_close(out, expected("a"), atol=1e-6, rtol=1e-5)
+    out.sum().backward()
+    assert delta["a"].tuned_weight.grad is not None and delta["a"].tuned_weight.grad.abs().sum() > 0
+    pm.set_adapter(["a", "b"])
+    out = pm(x)
+    assert type(out.grad_fn).__name__ == "AddBackward0"
+    torch.testing.assert_close(out, expected("a", "b"), atol=1e-5, rtol=1e-5)

@@ -14,7 +14,8 @@ so a method registered later is compared without an edit here), one *compare job
    (losses may differ: PEFT's AdaLoRA adds its penalty to the model's loss);
 3. memory, then time (:func:`~peftlab.bench.measure.measure_pair`): each library's step under
    :class:`~peftlab.train.memory.PeakMemory`, alternating, twice each, the larger growth above the
-   memory in use before the step; then one untimed round and ``repeats`` rounds of ours, PEFT, so
+   memory in use before the step (on CPU with the RSS following live tensors,
+   :func:`~peftlab.bench.heap.live_tensor_rss`); then one untimed round and ``repeats`` rounds of ours, PEFT, so
    that drift in the machine's load hits both alike; the medians of wall and CPU time.
 
 A step is the same for both: zero_grad, the task loss (plus ``pm.regularizer()`` on our side; PEFT's
@@ -221,7 +222,7 @@ def _measure(job: dict[str, Any], record: dict[str, Any]) -> None:
     steps = {"peftlab": _ours_step(pm, batch, train_ex.kind, lr), "peft": _peft_step(twin, batch, train_ex.kind, lr)}
 
     repeats = int(job.get("repeats", DEFAULT_REPEATS))
-    times, peaks, record["memory_method"] = measure_pair(steps, repeats, device, MEMORY_ROUNDS)
+    times, peaks, record["memory_method"] = measure_pair(steps, repeats, device, MEMORY_ROUNDS, live_rss=True)
     for lib in LIBS:
         record[f"{lib}_step_ms"] = 1000 * median(times[lib]["wall"])
         record[f"{lib}_cpu_ms"] = 1000 * median(times[lib]["cpu"])

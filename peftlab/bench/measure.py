@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
@@ -79,24 +80,28 @@ def interleaved(cases: dict[str, Callable[[], Callable[[], Any]]], steps: int, d
 
 
 def measure_pair(steps: dict[str, Callable[[], Any]], repeats: int, device: torch.device | str = "cpu",
-                 memory_rounds: int = 2) -> tuple[dict[str, dict[str, list[float]]], dict[str, float], str]:
+                 memory_rounds: int = 2, live_rss: bool = False) -> tuple[dict[str, dict[str, list[float]]], dict[str, float], str]:
     """Peak memory, then time, of competing steps in one process (two libraries' training steps).
 
     Memory: each step under :class:`~peftlab.train.memory.PeakMemory` (freed heap handed back and the
     high-water mark reset before it), in alternating order, ``memory_rounds`` times; a step's peak is
     the largest growth above the memory in use before it (the first round creates optimizer state).
+    With ``live_rss`` on CPU, the memory rounds run under :func:`~peftlab.bench.heap.live_tensor_rss`
+    (the RSS follows live tensors; the method gets ``+live_rss``).
     Time: one untimed round, then ``repeats`` rounds of every step (:func:`interleaved`).
     Returns ``(times per step, peak MB per step, the memory method)``."""
+    from peftlab.bench.heap import live_tensor_rss
     from peftlab.train.memory import PeakMemory
 
     names = list(steps)
     peaks = dict.fromkeys(names, 0.0)
     method = ""
-    for rnd in range(memory_rounds):
-        for name in names if rnd % 2 == 0 else names[::-1]:
-            with PeakMemory(device) as memory:
-                steps[name]()
-            peaks[name], method = max(peaks[name], memory.peak_bytes / MB), memory.method
+    with live_tensor_rss() if live_rss and torch.device(device).type == "cpu" else nullcontext(False) as live:
+        for rnd in range(memory_rounds):
+            for name in names if rnd % 2 == 0 else names[::-1]:
+                with PeakMemory(device) as memory:
+                    steps[name]()
+                peaks[name], method = max(peaks[name], memory.peak_bytes / MB), memory.method + ("+live_rss" if live else "")
     times, _ = interleaved({name: (lambda s=step: s) for name, step in steps.items()}, repeats, device)
     return times, peaks, method
 

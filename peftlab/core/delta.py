@@ -47,6 +47,12 @@ class Delta(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    def plus(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Parallel site: y + Δ(x, y), used by the dispatcher when this delta is the only one acting
+        at its module. A delta may compute the sum its own way when that is cheaper (LNFit: the
+        norm once with γ0 + Δγ), equal to ``y + self(x, y)`` up to rounding."""
+        return y + self(x, y)
+
     def delta_params(self, base: nn.Module) -> dict[str, torch.Tensor]:
         """ΔP for each name in ``merges_into``, in the base parameter's own layout, such that the
         base with ``P + ΔP`` computes what base-plus-delta computes."""

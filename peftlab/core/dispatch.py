@@ -205,11 +205,12 @@ class Dispatcher:
             x, _ = _split_input(args, kwargs)
             new_y = y
             if plan.parallel is not None:
-                total = plan.parallel(x, y)
                 if self._inplace_ok and not torch.is_grad_enabled():
-                    new_y = y.add_(total)
+                    new_y = y.add_(plan.parallel(x, y))
+                elif isinstance(plan.parallel, Delta):  # a lone delta may compute y + Δ its own way
+                    new_y = plan.parallel.plus(x, y)
                 else:
-                    new_y = y + total
+                    new_y = y + plan.parallel(x, y)
             if plan.output is not None:
                 new_y = plan.output(x, new_y, kwargs)
         if new_y is None:

@@ -43,7 +43,7 @@ from peftlab.core.peft_format import (
 )
 from peftlab.core.registry import PeftFormat, Requirement, register_method
 from peftlab.core.targeting import select_modules
-from peftlab.methods.selective.norm_delta import NormKind, norm_delta, norm_kind, normalized_by
+from peftlab.methods.selective.norm_delta import NormKind, norm_kind, norm_with, normalized_by
 from peftlab.methods.selective.tuned import TunedDelta, gathered
 
 #: Norms over the channel dimension (dim 1), not the last one: not LNFit's layers.
@@ -119,10 +119,20 @@ class NormDelta(TunedDelta):
         norm with (Δγ, Δβ) as its parameters (``norm_delta.py``: no full-width tensor kept for backward)."""
         d_weight, d_bias = self.delta_of("weight"), self.delta_of("bias") if "bias" in self.tuned else None
         if self.formula is not None and x.dtype == d_weight.dtype:
-            out = norm_delta(self.formula[0], x, d_weight, d_bias, self.formula[1])
+            out = norm_with(self.formula[0], x, d_weight, d_bias, self.formula[1])
         else:
             out = lnfit_delta(self._n(x), d_weight, d_bias)
         return out.to(x.dtype if y is None else y.dtype)
+
+    def plus(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y + Δy: for a known norm formula with x and the layer's γ in the deltas' dtype, the norm once
+        with (γ + Δγ, β + Δβ), γ and β the layer's current values (y, the base's own output, is
+        dropped with its autograd graph: one norm's backward, not two); else y + Δy."""
+        base = self.base_layer
+        if self.formula is None or not x.dtype == base.weight.dtype == self.tuned_weight.dtype:
+            return super().plus(x, y)
+        bias = base.bias + self.delta_of("bias") if "bias" in self.tuned else None
+        return norm_with(self.formula[0], x, base.weight + self.delta_of("weight"), bias, self.formula[1])
 
     @classmethod
     def forward_routed(

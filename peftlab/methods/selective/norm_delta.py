@@ -6,6 +6,10 @@ by Δγ, Δβ is the same norm with (Δγ, Δβ) as its parameters:
     LayerNorm:  Δy = LN(x; Δγ, Δβ) = Δγ ⊙ (x − μ) / √(σ² + ε) + Δβ
     RMSNorm:    Δy = RMS(x; Δγ)    = Δγ ⊙ x / √(mean(x²) + ε)
 
+and the whole output y + Δy is the norm once with (γ + Δγ, β + Δβ), which is how LNFit computes
+it when it is the only delta at its norm (``NormDelta.plus``: one norm in backward, as PEFT's
+trained copy of the layer, instead of the base norm's and Δy's).
+
 Computed this way, autograd keeps for backward only what the norm itself keeps: x (the very tensor
 the base norm already keeps) and one statistic per row, not the full-width n(x) that the product
 Δγ ⊙ n(x) would keep for Δγ's gradient (n is recomputed in backward, one elementwise pass). The
@@ -75,12 +79,13 @@ def layer_norm_delta(x: torch.Tensor, d_weight: torch.Tensor, d_bias: torch.Tens
     return F.layer_norm(x, (x.shape[-1],), d_weight, d_bias, eps)
 
 
-def norm_delta(kind: NormKind, x: torch.Tensor, d_weight: torch.Tensor, d_bias: torch.Tensor | None,
-               eps: float) -> torch.Tensor:
-    """Δy of a norm of ``kind`` whose γ, β move by ``d_weight``, ``d_bias`` (an RMS norm has no β)."""
+def norm_with(kind: NormKind, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+              eps: float) -> torch.Tensor:
+    """A norm of ``kind`` with parameters (``weight``, ``bias``) (an RMS norm has no β): Δy for
+    (Δγ, Δβ), or the whole output y + Δy for (γ + Δγ, β + Δβ)."""
     if kind == "layer_norm":
-        return layer_norm_delta(x, d_weight, d_bias, eps)
-    return rms_norm_delta(x, d_weight, eps)
+        return layer_norm_delta(x, weight, bias, eps)
+    return rms_norm_delta(x, weight, eps)
 
 
 def normalized_by(kind: NormKind, x: torch.Tensor, eps: float) -> torch.Tensor:
