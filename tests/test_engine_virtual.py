@@ -17,7 +17,8 @@ from serve_helpers import PROMPTS, CharTokenizer, busy_runs, lone_runs, save_ada
 import peftlab
 from peftlab.methods.additive.prompt import PromptConfig
 from peftlab.serve.engine import Engine, GenerationRequest
-from peftlab.serve.errors import InvalidAdapterError
+from peftlab.serve.errors import InvalidAdapterError, PromptTooLongError
+from peftlab.serve.merge_policy import MergePolicy
 from peftlab.serve.scheduler import Waiting, unpadded_where_needed
 from peftlab.zoo import load, tiny_model
 
@@ -130,6 +131,48 @@ def test_a_gated_row_is_never_padded_in_its_prefill(tiny_root):
     calls = engine.stats()["prefill_calls"]
     assert together_runs(engine, requests) == lone
     assert engine.stats()["prefill_calls"] - calls == 2  # [2, 3 (unipelt)] and [5, 5 (unipelt)]
+    engine.close()
+
+
+def test_virtual_parts_go_back_to_disk_and_return_with_the_same_outputs(tiny_root):
+    """One device place and no host memory: every request's adapter is read back from disk by the
+    loader thread (prefix, soft prompt, gates and routed layers), with the outputs of a roomy engine."""
+    names = ["prompt", "mam", "unipelt", "prefix_lora", "prompt_ia3"]
+    requests = [GenerationRequest(PROMPTS[i % 4], adapter=a, max_tokens=8) for i, a in enumerate(names * 2)]
+    roomy = _engine(tiny_root, names, max_batch=4)
+    lone = lone_runs(roomy, requests)
+    roomy.close()
+    tight = _engine(tiny_root, names, max_batch=4, device_adapters=1, host_budget_bytes=1)
+    assert tight.stats()["host_adapters"] <= 1
+    assert busy_runs(tight, requests, []) == lone
+    stats = tight.stats()
+    assert stats["cache_misses"] >= len(names) and stats["device_adapters"] == 1 and stats["requests_failed"] == 0
+    tight.close()
+
+
+def test_outputs_stay_equal_while_a_prefixed_lora_is_merged_under_soft_prompt_rows(tiny_root):
+    """dLoRA merges the prefix+LoRA union's LoRA part (its prefix stays per row) while soft-prompt
+    rows and base rows share the batch: every row keeps its lone output."""
+    engine = _engine(tiny_root, ["prefix_lora", "prompt", "ptuning"], max_batch=8)
+    requests = ([GenerationRequest(PROMPTS[i % 4], adapter="prefix_lora", max_tokens=10) for i in range(5)]
+                + [GenerationRequest(PROMPTS[1], adapter="prompt", max_tokens=10),
+                   GenerationRequest(PROMPTS[2], adapter="ptuning", max_tokens=10), GenerationRequest(PROMPTS[3], max_tokens=10)])
+    lone = lone_runs(engine, requests)
+    engine.policy = MergePolicy(merge_share=0.6, unmerge_share=0.5, min_requests=4)
+    assert together_runs(engine, requests) == lone
+    assert engine.stats()["merges"] >= 1 and engine.bank.merged is not None
+    engine._step()  # idle: nothing holds the merged adapter any more
+    assert engine.stats()["unmerges"] >= 1 and engine.bank.merged is None
+    engine.close()
+
+
+def test_virtual_tokens_count_against_the_context(tiny_root):
+    engine = _engine(tiny_root, ["prompt"], max_context=16)  # the soft prompt holds 4 positions
+    with pytest.raises(PromptTooLongError, match="4 virtual tokens"):
+        engine.submit(GenerationRequest([5 + i for i in range(12)], adapter="prompt"))
+    engine.submit(GenerationRequest([5 + i for i in range(12)]))  # without the adapter it fits
+    done = engine.generate(GenerationRequest([5 + i for i in range(11)], adapter="prompt", max_tokens=50))
+    assert done.finish_reason == "length" and done.completion_tokens == 1  # 4 + 11 + 1 = the context
     engine.close()
 
 
