@@ -24,7 +24,8 @@ softmax mass (e^0 per row) from the real keys. So closing the prefix gate does N
 without the prefix; it gives the prefix with P = 0 (exactly: ``test_hybrids.py`` checks this). It is
 UniPELT's gate; an exact "off" needs a logit bias log G on the prefix columns, which the cache
 cannot carry. Not with ``encoder=true`` (the T5 encoder prefix goes through hooks, not the cache);
-no mixed batches (``prepare_routed`` refuses). Files: ``prompt_embeddings`` plus ``gates.<l>.weight``
+no mixed batches here (``prepare_routed`` refuses; the serving engine gates each row in its own
+batched cache instead, ``serve/virtual.py``). Files: ``prompt_embeddings`` plus ``gates.<l>.weight``
 (2, token_dim) and ``gates.<l>.bias`` (2,), peftlab's own format (PEFT has no gated prefix).
 """
 
