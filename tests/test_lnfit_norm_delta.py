@@ -126,3 +126,7 @@ def test_lone_delta_runs_the_norm_once_with_tuned_parameters_and_two_adapters_su
     out = pm(x)
     assert type(out.grad_fn).__name__ == "AddBackward0"
     torch.testing.assert_close(out, expected("a", "b"), atol=1e-5, rtol=1e-5)
+    # "b" merged into the norm, "a" acting alone there: a's Δ is added to the layer's merged γ, β.
+    pm.merge(["b"])
+    with torch.no_grad():
+        torch.testing.assert_close(pm(x), expected("a", "b"), atol=1e-5, rtol=1e-5)

@@ -12,7 +12,9 @@ so a method registered later is compared without an edit here), one *compare job
    we keep frozen (LoRA-FA's A) is frozen in PEFT's model too. The largest difference of the two
    models' logits on the batch (eval mode) is recorded, as a check that they compute the same thing
    (losses may differ: PEFT's AdaLoRA adds its penalty to the model's loss);
-3. memory, then time (:func:`~peftlab.bench.measure.measure_pair`): each library's step under
+3. one untimed forward and backward of each model (no optimizer step: the process's first-backward
+   allocations are made before either is measured); memory, then time
+   (:func:`~peftlab.bench.measure.measure_pair`): each library's step under
    :class:`~peftlab.train.memory.PeakMemory`, alternating, twice each, the larger growth above the
    memory in use before the step (on CPU with the RSS following live tensors,
    :func:`~peftlab.bench.heap.live_tensor_rss`); then one untimed round and ``repeats`` rounds of ours, PEFT, so
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
@@ -173,6 +176,18 @@ def _peft_step(twin: nn.Module, batch: dict[str, Any], kind: str, lr: float) -> 
     return guarded
 
 
+def _backward_once(net: nn.Module, batch: dict[str, Any], kind: str) -> None:
+    """One forward and backward of ``net`` in training mode, gradients dropped, no optimizer step:
+    the process's one-time allocations of a first backward are then made before either library's
+    measured steps, instead of being charged to whichever steps first."""
+    from peftlab.train.evaluation import forward_loss
+
+    net.train()
+    forward_loss(net, batch, kind)[0].backward()
+    for p in net.parameters():
+        p.grad = None
+
+
 def _eval_outputs(net: nn.Module, batch: dict[str, Any], kind: str) -> tuple[float, torch.Tensor]:
     """(task loss, logits) of ``net`` on ``batch`` in eval mode, without autograd."""
     from peftlab.train.evaluation import forward_loss
@@ -186,7 +201,18 @@ def _eval_outputs(net: nn.Module, batch: dict[str, Any], kind: str) -> tuple[flo
 
 # -- one compare job ---------------------------------------------------------------------------------------
 def _measure(job: dict[str, Any], record: dict[str, Any]) -> None:
-    """Fill ``record`` (raises :class:`NotInPeft`, :class:`PeftSideError` or our own errors)."""
+    """Fill ``record`` (raises :class:`NotInPeft`, :class:`PeftSideError` or our own errors). On CPU
+    the job runs from its start with the RSS following live tensors
+    (:func:`~peftlab.bench.heap.live_tensor_rss`): heap memory freed before the measured steps would
+    otherwise be reused by them and counted as growth (the time rounds run with glibc's thresholds
+    at their maxima, as :func:`~peftlab.bench.measure.measure_pair` leaves them)."""
+    from peftlab.bench.heap import live_tensor_rss
+
+    with live_tensor_rss() if torch.device(job.get("device") or "cpu").type == "cpu" else nullcontext(False):
+        _measure_job(job, record)
+
+
+def _measure_job(job: dict[str, Any], record: dict[str, Any]) -> None:
     import peft
 
     import peftlab
@@ -220,6 +246,8 @@ def _measure(job: dict[str, Any], record: dict[str, Any]) -> None:
     record["peftlab_loss"], ours = _eval_outputs(pm, batch, train_ex.kind)
     record["logits_max_abs_diff"] = float((ours - theirs).abs().max())
     steps = {"peftlab": _ours_step(pm, batch, train_ex.kind, lr), "peft": _peft_step(twin, batch, train_ex.kind, lr)}
+    for net in nets.values():
+        _backward_once(net, batch, train_ex.kind)
 
     repeats = int(job.get("repeats", DEFAULT_REPEATS))
     times, peaks, record["memory_method"] = measure_pair(steps, repeats, device, MEMORY_ROUNDS, live_rss=True)

@@ -100,6 +100,8 @@ class NormDelta(TunedDelta):
         self.__dict__["base_layer"] = base  # a reference, not a submodule
         self._tune(base, ("weight", "bias") if getattr(base, "bias", None) is not None else ("weight",))
         self.offset = False  # is there a term free of γ? (probed once, on a random input)
+        #: Storage and version of each tuned base tensor when P0 was copied (``_plus_delta``).
+        self._snapshot_of = {n: (getattr(base, n).data_ptr(), getattr(base, n)._version) for n in self.tuned}
         #: (kind, ε) when the layer is a known norm formula (``norm_delta.py``), computed as that norm.
         self.formula: tuple[NormKind, float] | None = None
         if base.weight.device.type != "meta":
@@ -131,8 +133,17 @@ class NormDelta(TunedDelta):
         base = self.base_layer
         if self.formula is None or not x.dtype == base.weight.dtype == self.tuned_weight.dtype:
             return super().plus(x, y)
-        bias = base.bias + self.delta_of("bias") if "bias" in self.tuned else None
-        return norm_with(self.formula[0], x, base.weight + self.delta_of("weight"), bias, self.formula[1])
+        bias = self._plus_delta("bias") if "bias" in self.tuned else None
+        return norm_with(self.formula[0], x, self._plus_delta("weight"), bias, self.formula[1])
+
+    def _plus_delta(self, name: str) -> torch.Tensor:
+        """The layer's tensor ``name`` plus its delta: the tuned tensor P' itself while the layer holds
+        the very tensor P0 was copied from, unchanged since (same storage, same version counter; no
+        merge or load in between), else P + (P' − P0)."""
+        current = getattr(self.base_layer, name)
+        if self._snapshot_of.get(name) == (current.data_ptr(), current._version):
+            return getattr(self, f"tuned_{name}")
+        return current + self.delta_of(name)
 
     @classmethod
     def forward_routed(
