@@ -32,6 +32,7 @@ TINY = {
     "mam": "mam[length=4,reduction_factor=2,scale=4]",
     "unipelt": "unipelt[r=4,length=3,reduction_factor=4]",
     "gated_prefix": "prefix[length=5,gate=true,init=random]",
+    "restart": "prefix[length=3,offset_positions=false,init=random]",  # the prompt numbered from 0 after it
     "prefix_lora": "prefix[length=2,init=random]+lora[r=2,targets=q_proj|v_proj]",  # the LoRA part in the bank
     "prompt_ia3": "prompt[length=2,init=random]+ia3",  # the (IA)³ part routed per row
     "lora": "lora[r=2,targets=q_proj|v_proj]",
@@ -71,7 +72,7 @@ def test_each_kind_alone_equals_the_librarys_generate_busy_and_together(tiny_roo
     engine = _engine(tiny_root, names, max_batch=6)
     kinds = {n: engine.adapters.get(n).kind for n in names}
     assert kinds == {"prompt": "virtual", "ptuning": "virtual", "mam": "routed", "unipelt": "routed",
-                     "gated_prefix": "virtual", "prefix_lora": "bank", "prompt_ia3": "routed", "unipelt_shut": "routed",
+                     "gated_prefix": "virtual", "restart": "virtual", "prefix_lora": "bank", "prompt_ia3": "routed", "unipelt_shut": "routed",
                      "lora": "bank"}
     assert [engine.adapters.get(n).virtual_length for n in ("prompt", "ptuning", "mam", "prefix_lora")] == [4, 3, 4, 2]
     requests = [GenerationRequest(PROMPTS[i % 4], adapter=a, max_tokens=14) for i, a in enumerate(names + names[:7])]
@@ -134,6 +135,28 @@ def test_a_gated_row_is_never_padded_in_its_prefill(tiny_root):
     engine.close()
 
 
+def test_a_prefix_with_offset_positions_false_numbers_the_prompt_from_zero(tiny_root):
+    """Its cache row holds p prefix columns, but the prompt's tokens sit at positions 0, 1, ... as in
+    the library (a small effect on the tiny model's RoPE, so logits are compared, not tokens)."""
+    engine = _engine(tiny_root, ["restart"])
+    entry = engine.adapters.get("restart")
+    assert engine.adapters.ensure_device(entry) and entry.virtual.position_shift == 3
+    prompt = PROMPTS[0]
+    first = engine._prefill_logits([prompt], 0, [0], None, [entry.virtual])
+    token = int(first.argmax())
+    lengths = torch.tensor([3 + len(prompt)])
+    second = engine._decode_logits(torch.tensor([token]), lengths, [0], None, None, torch.tensor([3]))
+    engine.kv.clear()
+    pm = peftlab.load(tiny_model("llama", "causal-lm"), tiny_root / "restart").eval()
+    with torch.no_grad():
+        want = [pm(input_ids=torch.tensor([ids])).logits[0, -1] for ids in (prompt, prompt + [token])]
+        after = pm(input_ids=torch.tensor([prompt]), position_ids=torch.arange(3, 3 + len(prompt))[None]).logits[0, -1]
+    torch.testing.assert_close(first[0], want[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(second[0], want[1], atol=1e-5, rtol=0)
+    assert (after - want[0]).abs().max() > 1e-3  # numbering after the prefix would show
+    engine.close()
+
+
 def test_virtual_parts_go_back_to_disk_and_return_with_the_same_outputs(tiny_root):
     """One device place and no host memory: every request's adapter is read back from disk by the
     loader thread (prefix, soft prompt, gates and routed layers), with the outputs of a roomy engine."""
@@ -179,7 +202,7 @@ def test_virtual_tokens_count_against_the_context(tiny_root):
 def test_what_cannot_be_served_exactly_is_refused_with_the_reason(tmp_path):
     engine = Engine(tiny_model("llama", "causal-lm"), CharTokenizer(), allowed_roots=[str(tmp_path)])
     cases = {
-        "restart": ("prefix[length=3,offset_positions=false]", "offset_positions"),
+        "mixed": ("prefix[length=2,init=random]+prefix[length=2,offset_positions=false,init=random]", "number the prompt"),
         "two": ("prompt[length=2,init=random]+prefix[length=2,init=random]", "soft prompt and a prefix"),
         "gated": ("prompt[length=2,init=random]+lora[r=2,gate=true,targets=q_proj]", "gated layers"),
     }

@@ -82,8 +82,8 @@ def test_adapter_paths_and_files_are_checked(dirs, tmp_path):
     other_base = root / "other_base"
     save_adapter(tiny_model("gpt2", "causal-lm"), "lora[r=2,targets=c_attn]", other_base, seed=2)
     refused(other_base, "does not fit")
-    save_adapter(tiny_model("llama", "causal-lm"), "prefix[length=3,offset_positions=false]", root / "restart", seed=3)
-    refused(root / "restart", "offset_positions")  # positions restarting after a prefix: not served
+    save_adapter(tiny_model("llama", "causal-lm"), "prompt[length=2]+prefix[length=2]", root / "both", seed=3)
+    refused(root / "both", "soft prompt and a prefix")  # not run together by the library's generate either
     big = engine_over(root, max_adapter_bytes=100)
     with pytest.raises(InvalidAdapterError, match="too big"):
         big.load_adapter("x", root / "d2")

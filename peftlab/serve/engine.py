@@ -408,7 +408,7 @@ class Engine:
         prefixes = [None if v is None else v.prefix for v in virtuals]
         if any(p is not None for p in prefixes):
             starts = torch.tensor([0 if v is None else v.prefix_length for v in virtuals], device=self.device)
-            positions = positions + starts.view(g, 1)
+            positions = positions + (starts - _shifts(virtuals, self.device)).view(g, 1)
             mask = prefixed_prefill_mask(lengths, starts, T, self._dtype)
         gates = CallGates.of([None if v is None else v.gates for v in virtuals], self.device)
         self.kv.begin_prefill(start, g, T, prefixes if any(p is not None for p in prefixes) else None, gates)
@@ -422,12 +422,16 @@ class Engine:
         return out
 
     def _decode_logits(self, last: torch.Tensor, lengths: torch.Tensor, slots: list[int],
-                       routed: list[str | None] | None, gates: CallGates | None = None) -> torch.Tensor:
+                       routed: list[str | None] | None, gates: CallGates | None = None,
+                       shifts: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of one new token per row, written at column lengths[b], at position lengths[b] −
+        shifts[b] (a prefix with offset_positions=false numbers its tokens from 0)."""
         n = last.shape[0]
         columns = int(lengths.max()) + 1
+        positions = lengths if shifts is None else lengths - shifts
         self.kv.begin_decode(n, lengths, columns, gates)
         try:
-            return self._forward(last.view(n, 1), lengths.view(n, 1), decode_mask(lengths, columns, self._dtype),
+            return self._forward(last.view(n, 1), positions.view(n, 1), decode_mask(lengths, columns, self._dtype),
                                  slots, routed)
         finally:
             self.kv.end()
@@ -445,7 +449,7 @@ class Engine:
         last = torch.tensor([r.last for r in rows], device=self.device)
         slots, routed = self._row_routes()
         gates = CallGates.of([None if r.virtual is None else r.virtual.gates for r in rows], self.device)
-        logits = self._decode_logits(last, lengths, slots, routed, gates)
+        logits = self._decode_logits(last, lengths, slots, routed, gates, _shifts([r.virtual for r in rows], self.device))
         self._counters["steps"] += 1
         self._last_batch = len(rows)
         for r in rows:
@@ -619,6 +623,11 @@ class Engine:
             "kv_cache_bytes": self.kv.nbytes(),
             "bank_bytes": self.bank.nbytes(),
         }
+
+
+def _shifts(virtuals: list[VirtualInput | None], device: torch.device) -> torch.Tensor:
+    """Per row, cache columns minus the position of its tokens (:attr:`VirtualInput.position_shift`)."""
+    return torch.tensor([0 if v is None else v.position_shift for v in virtuals], device=device)
 
 
 def _keep_last_positions(module: nn.Module, args: tuple) -> tuple | None:

@@ -5,8 +5,9 @@ Two kinds of model-site parts rewrite a call rather than a layer, so the engine 
 
 * **prefixes** (prefix tuning, P-tuning v2, MAM's prefix, UniPELT's gated prefix): each layer's
   (P_k, P_v) are written into the request's own cache row, columns 0..p−1, before its prompt, whose
-  tokens sit at positions p + j (``offset_positions``, PEFT's numbering). Several prefixes of one
-  union are concatenated in placement order, [P_a; P_b], as the library's ``prepare`` stores them.
+  tokens sit at positions p + j (``offset_positions``, PEFT's numbering) or j (``offset_positions=
+  false``: :attr:`VirtualInput.position_shift`). Several prefixes of one union are concatenated in
+  placement order, [P_a; P_b], as the library's ``prepare`` stores them.
 * **soft prompts** (prompt tuning, P-tuning): the l virtual-token embeddings P are a constant at
   inference (P-tuning's encoder output is what the adapter file holds: ``PromptDelta`` computes it
   once, and loading keeps only P), so a request's prefill reads [P; E(x)] as if P were l prompt
@@ -19,9 +20,9 @@ own gates G = mean_t σ(W_g v_t + b_g) over the call's new positions of that row
 values (:class:`CallGates`). A row's mean must not include padding: the engine prefills a gated row
 only in a group where no prompt is longer than its own (``Engine._prefill_groups``).
 
-What is refused, with the reason (:func:`check_virtual_parts`): a prefix with
-``offset_positions=false`` (its tokens would need positions that restart after the prefix),
-``encoder=true`` (a T5 encoder's prefix: the engine serves decoder-only models), two soft prompts
+What is refused, with the reason (:func:`check_virtual_parts`): prefixes of one union that number
+the prompt differently (``offset_positions`` true in one, false in another), ``encoder=true`` (a T5
+encoder's prefix: the engine serves decoder-only models), two soft prompts
 or a soft prompt together with a prefix in one union (the library itself does not run those in one
 generate), and a soft prompt together with gated layers (the library runs P in a call of its own, so
 a gate's mean over the positions would differ from one prefill over [P; x]).
@@ -68,6 +69,7 @@ class VirtualInput:
     prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     gates: PrefixGates | None = None
     prompt: torch.Tensor | None = None
+    restart_positions: bool = False  # the prompt's tokens are numbered from 0 after the prefix
 
     @property
     def prefix_length(self) -> int:
@@ -78,6 +80,11 @@ class VirtualInput:
     def prompt_length(self) -> int:
         """l: virtual tokens prefilled before the request's prompt."""
         return 0 if self.prompt is None else int(self.prompt.shape[0])
+
+    @property
+    def position_shift(self) -> int:
+        """Cache columns minus position of a request's tokens: p with ``offset_positions=false``, else 0."""
+        return self.prefix_length if self.restart_positions else 0
 
     @property
     def length(self) -> int:
@@ -98,7 +105,7 @@ class VirtualInput:
         gates = None if self.gates is None else replace(self.gates, weight=self.gates.weight.to(device),
                                                         bias=self.gates.bias.to(device))
         return VirtualInput(None if self.prefix is None else [(k.to(device), v.to(device)) for k, v in self.prefix],
-                            gates, None if self.prompt is None else self.prompt.to(device))
+                            gates, None if self.prompt is None else self.prompt.to(device), self.restart_positions)
 
 
 def check_virtual_parts(cfg: Any, where: str) -> bool:
@@ -121,9 +128,8 @@ def check_virtual_parts(cfg: Any, where: str) -> bool:
         if p.encoder:
             raise refuse("prefix[encoder=true] prefixes the encoder of an encoder-decoder; the engine serves "
                          "decoder-only causal LMs")
-        if not p.offset_positions:
-            raise refuse("prefix[offset_positions=false] numbers the prompt from 0 after the prefix; the engine "
-                         "numbers a request's tokens after what its cache row holds (offset_positions=true, PEFT's)")
+    if len({p.offset_positions for p in prefixes}) > 1:
+        raise refuse("its prefixes number the prompt differently (offset_positions true in one, false in another)")
     if len(prompts) > 1 or (prompts and prefixes):
         raise refuse("a union of several soft prompts, or of a soft prompt and a prefix, is not something the "
                      "library's generate runs either")
@@ -152,6 +158,7 @@ def virtual_input(placement: list, model: nn.Module) -> VirtualInput | None:
                            torch.cat([kv[layer][1] for kv in per_delta], dim=1).contiguous().cpu())
                           for layer in range(len(per_delta[0]))]
             out.gates = _prefix_gates(prefixes)
+            out.restart_positions = not prefixes[0].offset
     return out
 
 
