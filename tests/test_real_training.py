@@ -91,7 +91,7 @@ def test_trains_smollm2_on_alpaca(method):
     pm = peftlab.apply(model, method)
     opt = torch.optim.AdamW(peftlab.param_groups(pm, lr=get_method(method).default_lr / 2))
     pm.train()
-    for batch in _alpaca_batches(tok, 48, offset=0):
+    for batch in _alpaca_batches(tok, 24, offset=0):  # 6 steps: the loss falls by 0.13 to 0.48 (needed: 0.02)
         loss = pm(**batch).loss
         opt.zero_grad()
         loss.backward()
