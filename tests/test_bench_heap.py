@@ -64,6 +64,7 @@ def test_measure_pair_live_rss_peak_is_the_live_peak():
             del a
             b = touched(24)
             return keep.sum() + b[0]
+        step()  # once unmeasured, as the compare job's untimed backward: one-time allocations first
         _, peaks, method = measure_pair({"one": step}, repeats=1, memory_rounds=2, live_rss=True)
         print(json.dumps({"peak": peaks["one"], "method": method}))
     """)
