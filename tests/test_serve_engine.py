@@ -139,8 +139,10 @@ def tiny_engine(root, **kw) -> Engine:
     return engine
 
 
-def test_tiny_alone_equals_busy_and_equals_each_adapters_generate(tiny_dirs):
-    engine = tiny_engine(tiny_dirs, max_batch=6, merge_policy=False)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "separate-calls"])
+def test_tiny_alone_equals_busy_and_equals_each_adapters_generate(tiny_dirs, fused):
+    engine = tiny_engine(tiny_dirs, max_batch=6, merge_policy=False, fused_steps=fused)
+    assert engine.fused_steps is fused
     names = [None, *TINY_ADAPTERS]
     requests = [GenerationRequest(PROMPTS[i % 4], adapter=a, max_tokens=24) for i, a in enumerate(names + names[1:4])]
     lone = lone_runs(engine, requests)
@@ -225,7 +227,8 @@ def test_cancel_and_deadline_and_earliest_deadline_first(tiny_dirs):
 
 
 def test_prompts_are_prefilled_in_groups_of_similar_length(tiny_dirs):
-    engine = tiny_engine(tiny_dirs, max_batch=8, merge_policy=False)
+    """Without fused steps, one prefill call per group (test_serve_fused.py: fused, one call)."""
+    engine = tiny_engine(tiny_dirs, max_batch=8, merge_policy=False, fused_steps=False)
     lengths = [3, 40, 4, 42, 5, 20]
     handles = [engine.submit(GenerationRequest([5 + i % 100 for i in range(n)], max_tokens=2)) for n in lengths]
     engine._step()

@@ -18,7 +18,9 @@ with slot s_i (Punica's SGMV idea: one pass whatever the mix of adapters and ran
 * prefill (many tokens per row): the rows' flat rows are gathered once per call (one
   ``index_select`` shared by every module), then two batched matmuls per module.
 
-A call where no row uses the bank skips the hooks.
+A call where no row uses the bank skips the hooks. A fused step (:mod:`~peftlab.serve.fused`)
+packs many requests' tokens into one row; it is routed per token (``per_token=True``: ``slots[k]``
+is token k's bank row) through the decode path, each token being a one-token row.
 
 dLoRA merging (:meth:`AdapterBank.merge`): one slot's ΔW = B A is added into the base weights (the
 originals are kept and restored exactly by :meth:`unmerge`). Its rows then map to row 0 and cost
@@ -153,6 +155,7 @@ class BankCall:
     gathered: torch.Tensor | None = None  # (n, P): the rows' flat rows (prefill)
     b_block: torch.Tensor | None = None  # (n, P − b_start): the rows' Bᵀ blocks (decode)
     bags: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    per_token: bool = False  # slots[k] routes the call's k-th token (a fused step's packed sequence)
 
 
 _CALL: ContextVar[BankCall | None] = ContextVar("peftlab_bank_call", default=None)
@@ -232,8 +235,9 @@ class AdapterBank:
 
     # -- calls ----------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def call(self, slots: list[int]) -> Iterator[None]:
-        """Route the model calls inside the block: row i through bank row ``slots[i]`` (0: none)."""
+    def call(self, slots: list[int], per_token: bool = False) -> Iterator[None]:
+        """Route the model calls inside the block: row i through bank row ``slots[i]`` (0: none);
+        with ``per_token``, the k-th token of the call (rows × positions, flattened) through ``slots[k]``."""
         merged = self.merged
         if merged is not None:
             own = [s == merged for s in slots]
@@ -249,7 +253,7 @@ class AdapterBank:
         if not any_rows and correction is None:
             token = _CALL.set(None)
         else:
-            token = _CALL.set(BankCall(torch.tensor(slots, device=self.device), any_rows, correction))
+            token = _CALL.set(BankCall(torch.tensor(slots, device=self.device), any_rows, correction, per_token=per_token))
         try:
             yield
         finally:
@@ -271,7 +275,8 @@ class AdapterBank:
     def _delta(self, c: BankCall, name: str, x: torch.Tensor) -> torch.Tensor:
         """Σ over the call's rows of their adapter's x Aᵀ Bᵀ at module ``name`` (minus the merged one's)."""
         layout, flat = self.layout, self.flat
-        n, fin = x.shape[0], x.shape[-1]
+        fin = x.shape[-1]
+        n = x.numel() // fin if c.per_token else x.shape[0]
         xf = x.reshape(n, -1, fin).to(self.dtype)
         delta = None
         if c.any_rows and xf.shape[1] == 1:

@@ -47,6 +47,7 @@ from peftlab.core.model_calls import cache_argument, model_dtype
 from .bank import AdapterBank
 from .cache import AdapterCache, AdapterEntry
 from .errors import InvalidRequestError, PromptTooLongError, ServeError
+from .fused import FusedStep, fused_call, register_attention, unfusable_reason
 from .kv import SlotCache, decode_mask, prefill_mask, prefixed_prefill_mask
 from .merge_policy import MergePolicy
 from .requests import GenerationRequest, GenerationResult, RequestHandle, TokenEvent
@@ -57,8 +58,9 @@ from .virtual import CallGates, VirtualInput, soft_prompts_in
 
 __all__ = ["Engine", "GenerationRequest", "GenerationResult", "RequestHandle", "TokenEvent"]
 
-#: Per prefill call: the position of each row's last prompt token (the LM head runs on those only).
-_LAST: ContextVar[torch.Tensor | None] = ContextVar("peftlab_serve_last", default=None)
+#: Per prefill or fused call: which of the call's tokens (rows × positions, flattened) the LM head
+#: runs on (each prompt's last token, each decode token).
+_KEEP: ContextVar[torch.Tensor | None] = ContextVar("peftlab_serve_keep", default=None)
 
 
 @dataclass(eq=False)
@@ -97,6 +99,9 @@ class Engine:
         merge_policy: True (the default :class:`MergePolicy`), False/None (never merge) or a policy.
         max_context: longest sequence (prompt + output) a request may reach (default: the model's).
         prefill_tokens: prompt tokens prefilled per step at most (one longer prompt still goes alone).
+        fused_steps: decode the running rows and prefill the admitted prompts in one packed model call
+            when every row is a base or LoRA-family row (:mod:`~peftlab.serve.fused`); off: one call
+            per prefill group, then one decode call. Used only if the start-up check passes.
         default_slack_s: a request without a deadline is scheduled as due this long after it arrived.
     """
 
@@ -104,7 +109,7 @@ class Engine:
                  device: str | torch.device | None = None, allowed_roots: list[str] | None = None,
                  max_adapter_bytes: int = 2**30, device_adapters: int = 64, host_budget_bytes: int = 2**31,
                  merge_policy: bool | MergePolicy | None = True, max_context: int | None = None,
-                 prefill_tokens: int = 2048, default_slack_s: float = 60.0):
+                 prefill_tokens: int = 2048, default_slack_s: float = 60.0, fused_steps: bool = True):
         if isinstance(model, PeftModel):
             raise TypeError("Engine takes the base model, not a PeftModel: save its adapters (pm.save_pretrained(dir)) "
                             "and load them with engine.load_adapter(name, dir), or pass pm.unload()")
@@ -148,10 +153,24 @@ class Engine:
         self._stopping = threading.Event()
         self._step_lock = threading.Lock()  # one step at a time (the loop, or generate before start)
         self._counters = {"requests_done": 0, "requests_failed": 0, "requests_cancelled": 0, "deadline_missed": 0, "steps": 0,
-                          "prefill_calls": 0, "tokens_generated": 0, "merges": 0, "unmerges": 0}
+                          "prefill_calls": 0, "fused_calls": 0, "tokens_generated": 0, "merges": 0, "unmerges": 0}
         self._recent_tokens: deque[tuple[float, int]] = deque()
         self._last_batch = 0
+        self.fused_steps = False
         self._check_model()
+        #: why steps are not fused (None when they are)
+        self.unfused_reason: str | None = "fused_steps=False" if not fused_steps else None
+        if fused_steps and unfusable_reason(model):
+            self.unfused_reason = unfusable_reason(model)
+        elif fused_steps:
+            register_attention()
+            try:
+                self.fused_steps = self._check_fused()
+                if not self.fused_steps:
+                    self.unfused_reason = "a fused step differed from plain calls"
+            except Exception as e:  # noqa: BLE001 -- an attention the fused step cannot run (e.g. soft-capping)
+                self.kv.clear()
+                self.unfused_reason = f"a fused step failed: {type(e).__name__}: {e}"
 
     # -- construction helpers ---------------------------------------------------------------------
     @classmethod
@@ -194,6 +213,24 @@ class Engine:
                 f"{type(self.model).__name__} does not work with the engine's batched key/value cache (a check "
                 f"differed from plain calls by {diff:.3g}): its attention must call cache.update(key, value, "
                 "layer_idx) and accept a 4-D attention mask and position_ids, as Llama, Mistral, Qwen2 and GPT-2 do")
+
+    def _check_fused(self) -> bool:
+        """Whether fused steps give what plain calls give: two prompts prefilled in one fused call,
+        then a fused call decoding both while a third prompt joins."""
+        v = self.vocab_size - 1
+        prompts = [[1 + i % v for i in range(3, 8)], [1 + i % v for i in range(9, 12)], [1 + i % v for i in range(20, 24)]]
+        with torch.no_grad():
+            plain = [self.model(input_ids=torch.tensor([p], device=self.device)).logits[0, -1] for p in prompts]
+            first = self._fused_logits([], [], [prompts[:1], prompts[1:2]], [0, 0])
+            nxt = first.argmax(-1).tolist()
+            second = self._fused_logits([len(p) for p in prompts[:2]], nxt, [prompts[2:]], [0, 0, 0])
+            again = [self.model(input_ids=torch.tensor([p + [t]], device=self.device)).logits[0, -1]
+                     for p, t in zip(prompts, nxt)]
+        self.kv.clear()
+        want = torch.stack([plain[0], plain[1], again[0], again[1], plain[2]])
+        got = torch.cat([first, second])
+        scale = max(float(want.abs().max()), 1e-3)
+        return float((got - want).abs().max()) <= 1e-3 * scale
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> "Engine":
@@ -331,6 +368,12 @@ class Engine:
             for w in new:
                 if w.handle.cancelled:
                     self._finish_waiting_cancelled(w)
+            if self._fusable(admitted):
+                if admitted or self.rows:
+                    self._fused_step(admitted)
+                if not self.rows and not len(self.queue):
+                    self.kv.clear()
+                return bool(self.rows) or bool(new)
             # A row whose gate averages over its positions must not be padded in its prefill.
             groups = unpadded_where_needed(length_groups(admitted), lambda w: w.entry is not None and w.entry.gated)
             for k, group in enumerate(groups):
@@ -368,20 +411,67 @@ class Engine:
         routed = [r.routed for r in rows]
         return slots, (routed if any(n is not None for n in routed) else None)
 
+    def _new_row(self, w: Waiting) -> _Row:
+        """The running row of an admitted request (before its prefill)."""
+        entry: AdapterEntry | None = w.entry
+        slot, routed, virtual = 0, None, None
+        if entry is not None:
+            slot = entry.slot or 0
+            routed = entry.key if entry.kind == "routed" else None
+            virtual = entry.virtual
+        req = w.request
+        seed = req.seed if req.seed is not None else random.getrandbits(62)
+        text = TextTracker(self.tokenizer, req.prompt_ids, req.stop)
+        length = len(req.prompt_ids) + (entry.virtual_length if entry is not None else 0)
+        return _Row(w, slot, routed, virtual, length, 0, seed % (1 << 62), text)
+
+    def _fusable(self, admitted: list[Waiting]) -> bool:
+        """Whether this step can be one fused call: fused steps work on this model, and every running
+        and admitted row is a base row or a bank (LoRA-family) row without virtual tokens."""
+        return (self.fused_steps and all(r.routed is None and r.virtual is None for r in self.rows)
+                and all(w.entry is None or (w.entry.kind == "bank" and w.entry.virtual is None) for w in admitted))
+
+    def _fused_step(self, admitted: list[Waiting]) -> None:
+        """One packed model call (:mod:`~peftlab.serve.fused`): the next token of every running row
+        and the first token of every admitted request."""
+        groups = length_groups(admitted)  # prompts of similar length attend as one padded block
+        admitted = [w for group in groups for w in group]
+        running, new = self.rows, [self._new_row(w) for w in admitted]
+        self.rows = running + new  # before the call: if it fails, these fail with the others
+        logits = self._fused_logits([r.length for r in running], [r.last for r in running],
+                                    [[w.request.prompt_ids for w in group] for group in groups], [r.slot for r in self.rows])
+        if running:
+            self._counters["steps"] += 1
+        if new:
+            self._counters["prefill_calls"] += 1
+        self._counters["fused_calls"] += 1
+        self._last_batch = len(self.rows)
+        for r in running:
+            r.length += 1
+        self._emit(self.rows, logits, steps=[len(r.text.ids) for r in running] + [0] * len(new))
+        self._pack()
+
+    def _fused_logits(self, lengths: list[int], last: list[int], prompt_groups: list[list[list[int]]],
+                      slots: list[int]) -> torch.Tensor:
+        """Logits (n + g, vocab) of one fused call: decode rows 0..n−1 (cache ``lengths``, input
+        tokens ``last``), then the prompts of ``prompt_groups`` (groups whose attention is one padded
+        block each) prefilled into rows n..n+g−1; ``slots``: each row's bank row."""
+        n = len(lengths)
+        prompts = [p for group in prompt_groups for p in group]
+        step = FusedStep.plan(lengths, [[len(p) for p in group] for group in prompt_groups], self.device, self._dtype)
+        ids = torch.tensor(last + [t for p in prompts for t in p], device=self.device).view(1, -1)
+        token_slots = slots[:n] + [s for s, p in zip(slots[n:], prompts) for _ in p]
+        # A 4-D mask makes transformers use it as it is; the fused attention builds its own per request.
+        mask = torch.zeros(1, 1, 1, 1, dtype=self._dtype, device=self.device)
+        token = _KEEP.set(step.keep)
+        try:
+            with fused_call(self.model, self.kv, step):
+                return self._forward(ids, step.token_columns.view(1, -1), mask, token_slots, None, per_token=True)
+        finally:
+            _KEEP.reset(token)
+
     def _prefill(self, group: list[Waiting]) -> None:
-        rows = []
-        for w in group:
-            entry: AdapterEntry | None = w.entry
-            slot, routed, virtual = 0, None, None
-            if entry is not None:
-                slot = entry.slot or 0
-                routed = entry.key if entry.kind == "routed" else None
-                virtual = entry.virtual
-            req = w.request
-            seed = req.seed if req.seed is not None else random.getrandbits(62)
-            text = TextTracker(self.tokenizer, req.prompt_ids, req.stop)
-            length = len(req.prompt_ids) + (entry.virtual_length if entry is not None else 0)
-            rows.append(_Row(w, slot, routed, virtual, length, 0, seed % (1 << 62), text))
+        rows = [self._new_row(w) for w in group]
         start = len(self.rows)
         self.rows.extend(rows)  # before the call: if it fails, these fail with the others
         slots, routed_names = self._row_routes(rows)
@@ -412,12 +502,12 @@ class Engine:
             mask = prefixed_prefill_mask(lengths, starts, T, self._dtype)
         gates = CallGates.of([None if v is None else v.gates for v in virtuals], self.device)
         self.kv.begin_prefill(start, g, T, prefixes if any(p is not None for p in prefixes) else None, gates)
-        token = _LAST.set(lengths - 1)
+        token = _KEEP.set(torch.arange(g, device=self.device) * T + lengths - 1)
         try:
             with soft_prompts_in(self.model.get_input_embeddings(), virtuals):
                 out = self._forward(ids.to(self.device), positions, mask, slots, routed)
         finally:
-            _LAST.reset(token)
+            _KEEP.reset(token)
             self.kv.end()
         return out
 
@@ -437,9 +527,9 @@ class Engine:
             self.kv.end()
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, slots: list[int],
-                 routed: list[str | None] | None) -> torch.Tensor:
+                 routed: list[str | None] | None, per_token: bool = False) -> torch.Tensor:
         kw = {self._cache_arg: self.kv, "use_cache": True, "attention_mask": mask, "position_ids": positions}
-        with self.bank.call(slots):
+        with self.bank.call(slots, per_token=per_token):
             out = self.pm(input_ids=ids, adapter_names=routed, **kw)
         return out.logits[:, -1]
 
@@ -598,7 +688,9 @@ class Engine:
         ``cancel()``, e.g. a streaming client that went away), deadline_missed, cache_hits (adapter on
         the device when needed), host_hits (moved from host memory), cache_misses (read back from
         disk), device_adapters, host_adapters, registered_adapters, merged_adapter, host_to_device_ms
-        (median of recent moves), kv_cache_bytes, bank_bytes, steps, prefill_calls, tokens_generated."""
+        (median of recent moves), kv_cache_bytes, bank_bytes, steps, prefill_calls, tokens_generated,
+        fused_steps (whether steps may be fused; if not, unfused_reason says why) and fused_calls
+        (steps that were)."""
         now = time.monotonic()
         window = [(t, n) for t, n in list(self._recent_tokens) if t >= now - 10.0]
         span = (now - window[0][0]) if window else 0.0
@@ -622,6 +714,8 @@ class Engine:
             "host_to_device_ms": promote[len(promote) // 2] if promote else None,
             "kv_cache_bytes": self.kv.nbytes(),
             "bank_bytes": self.bank.nbytes(),
+            "fused_steps": self.fused_steps,
+            "unfused_reason": self.unfused_reason,
         }
 
 
@@ -631,12 +725,13 @@ def _shifts(virtuals: list[VirtualInput | None], device: torch.device) -> torch.
 
 
 def _keep_last_positions(module: nn.Module, args: tuple) -> tuple | None:
-    """LM head pre-hook: during a prefill, keep each row's last prompt position only."""
-    last = _LAST.get()
-    if last is None:
+    """LM head pre-hook: during a prefill or fused call, keep the tokens whose logits are wanted
+    (``_KEEP``, indices into the call's flattened rows × positions), as (k, 1, hidden)."""
+    keep = _KEEP.get()
+    if keep is None:
         return None
     x = args[0]
-    return (x[torch.arange(x.shape[0], device=x.device), last.to(x.device)].unsqueeze(1), *args[1:])
+    return (x.reshape(-1, x.shape[-1])[keep.to(x.device)].unsqueeze(1), *args[1:])
 
 
 def _base_name(model: nn.Module) -> str:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
+    from .fused import FusedStep
     from .virtual import CallGates
 
 
@@ -110,6 +111,13 @@ class SlotCache:
         rows = torch.arange(count, device=self.device)
         self._call = ("decode", rows, lengths, columns)
 
+    def begin_fused(self, step: "FusedStep") -> None:
+        """The next call is a fused step (:mod:`~peftlab.serve.fused`): its packed tokens are written
+        at (``step.token_rows``, ``step.token_columns``); the step's attention reads the buffers."""
+        self._gates = None
+        self.reserve(step.n + step.g, max(step.columns, step.width))
+        self._call = ("fused", step)
+
     def end(self) -> None:
         """The call is over."""
         self._call = None
@@ -125,6 +133,11 @@ class SlotCache:
             self.keys[layer_idx] = key.new_zeros(shape)
             self.values[layer_idx] = value.new_zeros(shape)
         kbuf, vbuf = self.keys[layer_idx], self.values[layer_idx]
+        if self._call[0] == "fused":
+            step = self._call[1]  # key: (1, heads, S, head_dim), token k at (token_rows[k], token_columns[k])
+            kbuf[step.token_rows, :, step.token_columns] = key[0].transpose(0, 1)
+            vbuf[step.token_rows, :, step.token_columns] = value[0].transpose(0, 1)
+            return key, value
         if self._call[0] == "prefill":
             _, start, count, tokens = self._call
             kbuf[start : start + count, :, :tokens] = key

@@ -31,8 +31,9 @@ ENGINE_METRICS: dict[str, tuple[str, str, str]] = {
                            "Requests cancelled before they finished (e.g. a streaming client went away)."),
     "deadline_missed": ("peftlab_deadline_missed_total", "counter", "Requests finished after their deadline."),
     "tokens_generated": ("peftlab_engine_tokens_generated_total", "counter", "Tokens the engine generated."),
-    "steps": ("peftlab_decode_steps_total", "counter", "Decode steps run."),
-    "prefill_calls": ("peftlab_prefill_calls_total", "counter", "Prefill calls run."),
+    "steps": ("peftlab_decode_steps_total", "counter", "Decode steps run (fused or not)."),
+    "prefill_calls": ("peftlab_prefill_calls_total", "counter", "Prefill calls run (a fused call with new prompts counts as one)."),
+    "fused_calls": ("peftlab_fused_calls_total", "counter", "Fused calls run (decode and prefill in one packed call)."),
 }
 #: Upper bounds (seconds) of the latency histograms' buckets.
 BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)

@@ -111,12 +111,13 @@ class RequestQueue:
             return list(self._items)
 
 
-def length_groups(items: list[Waiting], ratio: float = 1.25, slack: int = 8) -> list[list[Waiting]]:
-    """PetS's coordinated batching: sort by prompt length and cut into groups in which the longest
-    prompt is at most ``ratio`` × the shortest + ``slack`` tokens, so padding stays small."""
-    groups: list[list[Waiting]] = []
-    for item in sorted(items, key=lambda w: w.prompt_len):
-        if groups and item.prompt_len <= groups[-1][0].prompt_len * ratio + slack:
+def length_groups(items: list[Any], ratio: float = 1.25, slack: int = 8,
+                  length: Callable[[Any], int] = lambda w: w.prompt_len) -> list[list[Any]]:
+    """PetS's coordinated batching: sort by prompt ``length`` and cut into groups in which the
+    longest prompt is at most ``ratio`` × the shortest + ``slack`` tokens, so padding stays small."""
+    groups: list[list[Any]] = []
+    for item in sorted(items, key=length):
+        if groups and length(item) <= length(groups[-1][0]) * ratio + slack:
             groups[-1].append(item)
         else:
             groups.append([item])
