@@ -40,7 +40,7 @@ def uniforms(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
 def next_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
                 seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
     """The next token of each row (see the module docstring). ``logits`` (n, vocab); the others (n,)."""
-    tokens = logits.argmax(dim=-1)
+    tokens = logits.max(dim=-1).indices  # = argmax (the first maximum too), several times faster on CPU
     sampled = (temperature > 0).nonzero().squeeze(1)
     if sampled.numel() == 0:
         return tokens
