@@ -54,6 +54,19 @@ def test_smoke_run_reports_every_system(tmp_path):
     assert (tmp_path / "report.png").stat().st_size > 0
 
 
+def test_engine_cells_fuse_steps_unless_told_not_to(tmp_path):
+    """The default engine cells run fused steps; --no-fused-steps runs separate calls, and the same
+    greedy trace generates the same tokens either way."""
+    args = ["--systems", "base,engine", "--adapters", "3", "--requests", "8", "--rate", "1000"]
+    _, fused = _run(tmp_path / "fused", *args)
+    _, separate = _run(tmp_path / "separate", *args, "--no-fused-steps")
+    assert fused["settings"]["fused_steps"] is True and separate["settings"]["fused_steps"] is False
+    for a, b in zip(fused["cells"], separate["cells"]):
+        assert a["engine_stats"]["fused_calls"] > 0 and b["engine_stats"]["fused_calls"] == 0
+        assert a["engine_stats"]["fused_steps"] is True and b["engine_stats"]["fused_steps"] is False
+        assert a["generated_tokens"] == b["generated_tokens"] and a["ok"] == b["ok"] == 8
+
+
 def test_refused_requests_are_counted_as_failed(tmp_path):
     """A burst into a queue of 2: the engine refuses some requests at once (QueueFullError); they are
     counted, by type, never retried or dropped from the totals."""

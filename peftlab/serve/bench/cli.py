@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=32, help="the engine's (and PEFT mixed batch's) batch limit")
     p.add_argument("--max-queue", type=int, default=256, help="queue limit of every system; more requests fail")
     p.add_argument("--threads", type=int, default=2, help="torch threads per cell")
+    p.add_argument("--no-fused-steps", action="store_true",
+                   help="the engine's cells without fused steps (one prefill call per group, then a decode call)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the trace and the adapters")
     p.add_argument("--soak", type=float, metavar="SECONDS",
@@ -154,7 +156,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     vocab = tokenizer_vocab(args.model, tokenizer)
     report: dict[str, Any] = {"settings": {**spec.to_dict(), "model": args.model, "max_batch": args.max_batch,
                                            "max_queue": args.max_queue, "threads": args.threads, "device": device,
-                                           "compare_at": args.peft_adapters, "soak_s": args.soak},
+                                           "compare_at": args.peft_adapters, "soak_s": args.soak,
+                                           "fused_steps": not args.no_fused_steps},
                               "meta": _meta(args, argv), "cells": []}
     n_max = max(n for _, n in cells)
     with tempfile.TemporaryDirectory(prefix="peftlab-bench-serve-") as tmp:
@@ -166,7 +169,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
                 job = {"kind": "serve", "row": f"{system}@{n}", "system": system, "n_adapters": n, "model": args.model,
                        "adapter_dirs": dirs[:n], "adapter_root": str(root.resolve()), "device": device, "threads": args.threads,
                        "max_batch": args.max_batch, "max_queue": args.max_queue, "slo_s": spec.slo_s, "warmup": args.warmup,
-                       "timeout_s": args.timeout, "soak": args.soak is not None, "trace": [vars(r) for r in trace]}
+                       "timeout_s": args.timeout, "soak": args.soak is not None, "trace": [vars(r) for r in trace],
+                       "engine_options": {"fused_steps": not args.no_fused_steps}}
                 report["cells"].append(_run(job, isolated, args.timeout + 600))
         except FileNotFoundError as err:
             raise CliError(str(err)) from None
