@@ -82,3 +82,23 @@ def until_eos(tokens: list[int]) -> list[int]:
 
 
 PROMPTS = [[5, 17, 33, 9, 60, 4], [80, 3, 11], [7, 7, 90, 120, 45, 66, 12, 101, 99, 5, 40, 41, 42], [64]]
+
+
+def save_tiny_adapters(root: Path, specs: dict[str, str], seed: int) -> Path:
+    """Each ``{name: spec}`` saved for the tiny Llama under ``root/name`` (seeds seed, seed+1, ...)."""
+    from peftlab.zoo import tiny_model
+
+    for i, (name, spec) in enumerate(specs.items()):
+        save_adapter(tiny_model("llama", "causal-lm"), spec, root / name, seed=seed + i)
+    return root
+
+
+def tiny_engine_with(root: Path, names, **kw) -> Engine:
+    """An engine over a fresh tiny Llama with the adapters ``names`` of ``root`` loaded."""
+    from peftlab.zoo import tiny_model
+
+    engine = Engine(tiny_model("llama", "causal-lm"), CharTokenizer(), allowed_roots=[str(root)], **kw)
+    for name in names:
+        engine.load_adapter(name, root / name)
+    return engine
+

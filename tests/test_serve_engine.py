@@ -10,7 +10,8 @@ import time
 import pytest
 import torch
 from conftest import one_thread
-from serve_helpers import PROMPTS, CharTokenizer, busy_runs, lone_runs, save_adapter, together_runs, until_eos
+from serve_helpers import (PROMPTS, CharTokenizer, busy_runs, lone_runs, save_adapter, save_tiny_adapters,
+                           tiny_engine_with, together_runs, until_eos)
 
 import peftlab
 from peftlab.serve.engine import Engine, GenerationRequest
@@ -126,17 +127,11 @@ TINY_ADAPTERS = {
 
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_adapters")
-    for i, (name, spec) in enumerate(TINY_ADAPTERS.items()):
-        save_adapter(tiny_model("llama", "causal-lm"), spec, root / name, seed=10 + i)
-    return root
+    return save_tiny_adapters(tmp_path_factory.mktemp("tiny_adapters"), TINY_ADAPTERS, seed=10)
 
 
 def tiny_engine(root, **kw) -> Engine:
-    engine = Engine(tiny_model("llama", "causal-lm"), CharTokenizer(), allowed_roots=[str(root)], **kw)
-    for name in TINY_ADAPTERS:
-        engine.load_adapter(name, root / name)
-    return engine
+    return tiny_engine_with(root, TINY_ADAPTERS, **kw)
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "separate-calls"])

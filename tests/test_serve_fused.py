@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from serve_helpers import CharTokenizer, busy_runs, lone_runs, save_adapter, together_runs
+from serve_helpers import CharTokenizer, busy_runs, lone_runs, save_tiny_adapters, tiny_engine_with, together_runs
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
 from peftlab.serve.engine import Engine, GenerationRequest
 from peftlab.serve.fused import FusedStep, split_columns
-from peftlab.zoo import tiny_model
 
 LORAS = {
     "r2": "lora[r=2,targets=q_proj|v_proj]",
@@ -21,18 +20,12 @@ LORAS = {
 
 @pytest.fixture(scope="module")
 def lora_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fused_adapters")
-    for i, (name, spec) in enumerate(LORAS.items()):
-        save_adapter(tiny_model("llama", "causal-lm"), spec, root / name, seed=40 + i)
-    save_adapter(tiny_model("llama", "causal-lm"), "ia3", root / "ia3", seed=50)  # not loaded by engine()
-    return root
+    # (IA)³ is saved too, but engine() does not load it
+    return save_tiny_adapters(tmp_path_factory.mktemp("fused_adapters"), {**LORAS, "ia3": "ia3"}, seed=40)
 
 
 def engine(root, **kw) -> Engine:
-    e = Engine(tiny_model("llama", "causal-lm"), CharTokenizer(), allowed_roots=[str(root)], merge_policy=False, **kw)
-    for name in LORAS:
-        e.load_adapter(name, root / name)
-    return e
+    return tiny_engine_with(root, LORAS, merge_policy=False, **kw)
 
 
 def prompt(n: int, salt: int = 0) -> list[int]:
