@@ -147,3 +147,18 @@ def test_fused_logits_equal_plain_calls_for_rows_of_very_different_lengths(lora_
     torch.testing.assert_close(first, torch.stack(plain), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(second, torch.stack(again + joined), atol=1e-5, rtol=1e-4)
     e.close()
+
+
+def test_a_long_row_among_short_ones_grows_the_cache(lora_dirs):
+    """The short rows attend over a few columns only; the long one still writes past the cache's
+    allocated 64 columns, so the cache must grow for it (the step would fail otherwise)."""
+    requests = [GenerationRequest(prompt(3, k), adapter="r2", max_tokens=12) for k in range(7)]
+    requests.append(GenerationRequest(prompt(60, 7), adapter="r6", max_tokens=12))
+    fused = engine(lora_dirs, max_batch=8, max_context=256)
+    separate = engine(lora_dirs, max_batch=8, max_context=256, fused_steps=False)
+    out = together_runs(fused, requests)
+    assert [len(t) for t in out] == [12] * 8 and fused.stats()["requests_failed"] == 0
+    assert out == together_runs(separate, requests)
+    fused.close()
+    separate.close()
+

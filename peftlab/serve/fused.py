@@ -78,7 +78,7 @@ class FusedStep:
     keep: torch.Tensor  # (n + g,): the packed tokens whose logits are wanted
     decode_mask: torch.Tensor | None  # (n, 1, 1, columns)
     long_rows: torch.Tensor | None  # decode rows longer than ``columns``, attending again over all theirs
-    long_columns: int
+    long_columns: int  # max(cache length) + 1: the columns the longest row writes into and reads
     long_mask: torch.Tensor | None  # (len(long_rows), 1, 1, long_columns)
     groups: tuple[PromptGroup, ...]
 

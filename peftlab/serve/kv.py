@@ -115,7 +115,7 @@ class SlotCache:
         """The next call is a fused step (:mod:`~peftlab.serve.fused`): its packed tokens are written
         at (``step.token_rows``, ``step.token_columns``); the step's attention reads the buffers."""
         self._gates = None
-        self.reserve(step.n + step.g, max(step.columns, step.width))
+        self.reserve(step.n + step.g, max(step.long_columns, step.width))  # the longest row writes at max(len)
         self._call = ("fused", step)
 
     def end(self) -> None:
