@@ -22,10 +22,11 @@ COMPAT_VENV := .venv-compat
 COMPAT_STAMP := $(COMPAT_VENV)/.installed
 # Tests run by `make test-compat`: model calls, prefix tuning, PEFT interop, mixed batches, the
 # registry-driven checks of every method (they include generate, save/load and mixed batches), and
-# transformers.Trainer training, checkpointing and resuming a PeftModel, and the serving engine on tiny models.
+# transformers.Trainer training, checkpointing and resuming a PeftModel, and the serving engine on tiny models
+# (its fused steps register an attention implementation with transformers).
 COMPAT_TESTS := tests/test_model_calls.py tests/test_prefix.py tests/test_interop_lora.py tests/test_ia3.py \
 	tests/test_many_adapters.py tests/test_engine.py tests/test_hf_trainer.py \
-	tests/test_serve_routing.py tests/test_serve_parts.py tests/test_serve_adapters.py
+	tests/test_serve_routing.py tests/test_serve_parts.py tests/test_serve_adapters.py tests/test_serve_fused.py
 
 # `make lock` only: pip-tools goes into .venv, never into the package's dependencies.
 PIP_TOOLS_SPEC ?= pip-tools==7.6.2
