@@ -79,18 +79,21 @@ def build_system(job: dict[str, Any], model: Any, tokenizer: Any) -> Any:
     return kind(load_peft(model, dirs), tokenizer, names, **limits)
 
 
-def _memory_drift(samples: list[tuple[float, float]]) -> dict[str, Any]:
-    """A soak's memory: the RSS samples, and the change over the second half of the run (least-squares
-    slope in MiB per minute, and last minus middle in MiB)."""
-    if len(samples) < 4:
+def _memory_drift(samples: list[tuple[float, float]], until_s: float | None = None) -> dict[str, Any]:
+    """A soak's memory: the RSS samples, and the change over the second half of the loaded run, the
+    samples up to ``until_s`` (the last completion: after it the idle engine frees its key/value
+    cache, which is no drift under load): least-squares slope in MiB per minute, and last minus
+    middle in MiB."""
+    loaded = [s for s in samples if until_s is None or s[0] <= until_s]
+    if len(loaded) < 4:
         return {"memory_samples": samples, "memory_slope_mb_per_min": None, "memory_drift_mb": None}
-    half = [s for s in samples if s[0] >= samples[-1][0] / 2]
+    half = [s for s in loaded if s[0] >= loaded[-1][0] / 2]
     ts, ms = [t for t, _ in half], [m for _, m in half]
     t_mean, m_mean = sum(ts) / len(ts), sum(ms) / len(ms)
     var = sum((t - t_mean) ** 2 for t in ts)
     slope = sum((t - t_mean) * (m - m_mean) for t, m in zip(ts, ms)) / var if var else 0.0
     return {"memory_samples": samples, "memory_slope_mb_per_min": slope * 60, "memory_drift_mb": ms[-1] - ms[0],
-            "memory_start_mb": samples[0][1], "memory_end_mb": samples[-1][1]}
+            "memory_start_mb": samples[0][1], "memory_end_mb": loaded[-1][1], "memory_after_idle_mb": samples[-1][1]}
 
 
 def run_cell(job: dict[str, Any]) -> dict[str, Any]:
@@ -123,7 +126,7 @@ def run_cell(job: dict[str, Any]) -> dict[str, Any]:
         "engine_stats": {k: v for k, v in stats.items() if isinstance(v, (int, float, str, bool, type(None)))},
     }
     if job.get("soak"):
-        result.update(_memory_drift(sampler.samples))
+        result.update(_memory_drift(sampler.samples, until_s=span))
     if job.get("keep_records"):
         result["records"] = records_as_dicts(records)
     return result

@@ -74,7 +74,8 @@ class MemorySampler:
 def run_trace(system: Any, trace: Sequence[TraceRequest], adapter_names: Sequence[str], slo_s: float,
               timeout_s: float = 3600.0, progress: bool = False) -> tuple[list[RequestRecord], float]:
     """Submit each request of ``trace`` at its arrival instant (greedy decoding, deadline =
-    arrival + ``slo_s``), then collect every result.
+    arrival + ``slo_s``), collecting results as they finish (so a long soak holds only the requests
+    in flight, not every answer so far), then the rest.
 
     Returns the records (in trace order) and the span in seconds from the first arrival to the last
     completion (or refusal)."""
@@ -95,22 +96,31 @@ def run_trace(system: Any, trace: Sequence[TraceRequest], adapter_names: Sequenc
         except Exception as err:  # noqa: BLE001 - a refused request is a failed one, counted by type
             records[i].error = type(err).__name__
             end = max(end, submitted)
+        finished = [p for p in pending if p[2].done]
+        if finished:
+            pending = [p for p in pending if not p[2].done]
+            end = max([end, *(_collect(records[i], lag, h, start, slo_s, 0.0) for i, lag, h in finished)])
     deadline = time.monotonic() + timeout_s
     for i, lag, handle in pending:
-        record = records[i]
-        try:
-            result = handle.result(timeout=max(0.0, deadline - time.monotonic()))
-        except Exception as err:  # noqa: BLE001 - counted as failed, with its type
-            record.error = type(err).__name__
-            handle.cancel()
-            continue
-        record.ok = True
-        record.first_token_s = lag + result.first_token_s
-        record.total_s = lag + result.total_s
-        record.completion_tokens = result.completion_tokens
-        record.deadline_missed = record.total_s > slo_s
-        end = max(end, start + record.arrival_s + record.total_s)
+        end = max(end, _collect(records[i], lag, handle, start, slo_s, max(0.0, deadline - time.monotonic())))
     return records, end - start
+
+
+def _collect(record: RequestRecord, lag: float, handle: RequestHandle, start: float, slo_s: float, timeout: float) -> float:
+    """Fill ``record`` from the handle's result (waiting up to ``timeout``); returns the instant the
+    request ended (``start`` if it failed)."""
+    try:
+        result = handle.result(timeout=timeout)
+    except Exception as err:  # noqa: BLE001 - counted as failed, with its type
+        record.error = type(err).__name__
+        handle.cancel()
+        return start
+    record.ok = True
+    record.first_token_s = lag + result.first_token_s
+    record.total_s = lag + result.total_s
+    record.completion_tokens = result.completion_tokens
+    record.deadline_missed = record.total_s > slo_s
+    return start + record.arrival_s + record.total_s
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
