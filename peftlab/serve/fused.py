@@ -31,6 +31,7 @@ calls give (:meth:`~peftlab.serve.engine.Engine._check_model`).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -127,8 +128,8 @@ def split_columns(lengths: list[int], gather_cost: float = 3.0) -> int:
     longest = max(lengths) + 1
     ordered = sorted(lengths)
     best, best_cost = longest, float(len(lengths) * longest)
-    for k, length in enumerate(ordered):  # c = length + 1 covers ordered[:k+1] (and equal ones)
-        longer = sum(1 for x in ordered[k + 1:] if x > length)
+    for length in ordered:  # c = length + 1 covers every row up to this length
+        longer = len(ordered) - bisect.bisect_right(ordered, length)
         cost = len(lengths) * (length + 1) + gather_cost * longer * longest
         if cost < best_cost:
             best, best_cost = length + 1, cost
