@@ -371,26 +371,28 @@ class Engine:
             if self._fusable(admitted):
                 if admitted or self.rows:
                     self._fused_step(admitted)
-                if not self.rows and not len(self.queue):
-                    self.kv.clear()
-                return bool(self.rows) or bool(new)
-            # A row whose gate averages over its positions must not be padded in its prefill.
-            groups = unpadded_where_needed(length_groups(admitted), lambda w: w.entry is not None and w.entry.gated)
-            for k, group in enumerate(groups):
-                try:
-                    self._prefill(group)
-                except BaseException as e:  # the later groups never got rows: they fail here too
-                    for w in (w for g in groups[k + 1:] for w in g):
-                        if w.entry is not None:
-                            self._release(w.entry, running=True)
-                        self._counters["requests_failed"] += 1
-                        w.handle._fail(e)
-                    raise
-            if self.rows:
-                self._decode()
+            else:
+                self._separate_calls(admitted)
             if not self.rows and not len(self.queue):
                 self.kv.clear()
             return bool(self.rows) or bool(new)
+
+    def _separate_calls(self, admitted: list[Waiting]) -> None:
+        """A step as one prefill call per group of similar prompt lengths, then one decode call."""
+        # A row whose gate averages over its positions must not be padded in its prefill.
+        groups = unpadded_where_needed(length_groups(admitted), lambda w: w.entry is not None and w.entry.gated)
+        for k, group in enumerate(groups):
+            try:
+                self._prefill(group)
+            except BaseException as e:  # the later groups never got rows: they fail here too
+                for w in (w for g in groups[k + 1:] for w in g):
+                    if w.entry is not None:
+                        self._release(w.entry, running=True)
+                    self._counters["requests_failed"] += 1
+                    w.handle._fail(e)
+                raise
+        if self.rows:
+            self._decode()
 
     def _admit(self, item: Waiting) -> bool:
         """Whether ``item`` can join now: its adapter is (made) resident on the device. It counts as
