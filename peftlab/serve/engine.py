@@ -16,6 +16,8 @@ One background thread runs the decode loop. Each iteration:
    at prefill (gated prefixes scaled per row at every call), rows with a soft prompt through the
    virtual tokens prefilled before their prompt (:mod:`~peftlab.serve.virtual`), base rows through
    none of these;
+   When every running and admitted row is a base or LoRA-family row, 3 and 4 are one fused call:
+   the decode tokens and the new prompts packed into one sequence (:mod:`~peftlab.serve.fused`);
 5. each row's token is sampled (:mod:`~peftlab.serve.sampling`), turned into text with stop strings
    (:mod:`~peftlab.serve.text`) and streamed; finished rows leave and the others are packed.
 
