@@ -161,10 +161,8 @@ class Engine:
         self.fused_steps = False
         self._check_model()
         #: why steps are not fused (None when they are)
-        self.unfused_reason: str | None = "fused_steps=False" if not fused_steps else None
-        if fused_steps and unfusable_reason(model):
-            self.unfused_reason = unfusable_reason(model)
-        elif fused_steps:
+        self.unfused_reason: str | None = unfusable_reason(model) if fused_steps else "fused_steps=False"
+        if self.unfused_reason is None:
             register_attention()
             try:
                 self.fused_steps = self._check_fused()

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import functools
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
@@ -136,6 +137,7 @@ def split_columns(lengths: list[int], gather_cost: float = 3.0) -> int:
     return best
 
 
+@functools.cache
 def _sdpa() -> Any:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
